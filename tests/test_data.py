@@ -1,0 +1,214 @@
+import os
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from lsr.data import (
+    LsrDataModule,
+    cached_token_ids,
+    calibration_windows,
+    eval_windows,
+    join_and_tokenize,
+    load_texts,
+)
+from lsr.data.sources import embedded_wiki_articles
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Quantization maps weights and activations to four bit integers.",
+    "Rotations spread outliers across channels before rounding.",
+    "Perplexity is the exponential of the mean negative log likelihood.",
+] * 4
+
+
+@pytest.fixture(scope="module")
+def tok():
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    t.train_from_iterator(SENTENCES, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=t, model_max_length=16, bos_token="<s>")
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A single text file of 60 distinct paragraphs."""
+    paras = [f"Paragraph {i}: " + SENTENCES[i % 4] + f" Number {i * 7}." for i in range(60)]
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(paras) + "\n", encoding="utf-8")
+    return path, paras
+
+
+# --- sources ---------------------------------------------------------------------------------------
+
+
+def test_embedded_wiki_splits_disjoint_and_deterministic():
+    train, evals = embedded_wiki_articles("train"), embedded_wiki_articles("eval")
+    assert len(train) > 5000 and 300 < len(evals) < len(train) / 4
+    assert not {t for t, _ in train} & {t for t, _ in evals}
+    assert [t for t, _ in train] == sorted(t for t, _ in train)
+    tr_texts, ev_texts = load_texts("embedded-wiki", "train"), load_texts("embedded-wiki", "eval")
+    assert tr_texts == [x for _, x in train] and all(x.strip() for x in tr_texts + ev_texts)
+    assert not set(tr_texts) & set(ev_texts)
+    assert load_texts("embedded-wiki", "eval") == ev_texts
+
+
+def test_single_file_is_split_by_paragraph(corpus):
+    path, paras = corpus
+    train, evals = load_texts(str(path), "train"), load_texts(f"text:{path}", "eval")
+    assert train and evals and not set(train) & set(evals)
+    assert sorted(train + evals) == sorted(paras)
+    assert train == [p for p in paras if p in set(train)]  # file order kept
+    assert load_texts(str(path), "train") == train
+
+
+def test_directory_and_explicit_splits(tmp_path):
+    (tmp_path / "train.txt").write_text("alpha beta\n\ngamma\n")
+    (tmp_path / "test.txt").write_text("delta epsilon\n")
+    assert load_texts(str(tmp_path), "train") == ["alpha beta\n\ngamma\n"]
+    assert load_texts(str(tmp_path), "eval") == ["delta epsilon\n"]
+    spec = f"train={tmp_path / 'test.txt'},eval={tmp_path / 'train.txt'}"
+    assert load_texts(spec, "train") == ["delta epsilon\n"]
+    assert load_texts(spec, "eval") == ["alpha beta\n\ngamma\n"]
+    other = tmp_path / "plain"
+    other.mkdir()
+    (other / "a.txt").write_text("\n\n".join(f"doc a{i}" for i in range(30)))
+    (other / "b.txt").write_text("\n\n".join(f"doc b{i}" for i in range(30)))
+    both = load_texts(str(other), "train") + load_texts(str(other), "eval")
+    assert sorted(both) == sorted([f"doc a{i}" for i in range(30)] + [f"doc b{i}" for i in range(30)])
+
+
+def test_source_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        load_texts(str(tmp_path / "nope.txt"), "train")
+    with pytest.raises(FileNotFoundError, match="missing"):
+        load_texts(f"train={tmp_path / 'missing'},eval={tmp_path / 'missing'}", "eval")
+    (tmp_path / "train.txt").write_text("only train\n")
+    with pytest.raises(FileNotFoundError, match="eval"):
+        load_texts(str(tmp_path), "eval")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n\n \n")
+    with pytest.raises(ValueError, match="empty.txt"):
+        load_texts(f"train={empty},eval={empty}", "train")
+    with pytest.raises(ValueError, match="accepted"):
+        load_texts("no-such-corpus", "train")
+    with pytest.raises(ValueError, match="split"):
+        load_texts("embedded-wiki", "validation")
+
+
+# --- windows ---------------------------------------------------------------------------------------
+
+
+def test_join_and_tokenize_roundtrip(tok):
+    texts = SENTENCES[:3]
+    ids = join_and_tokenize(tok, texts)
+    assert ids.dtype == torch.long and ids.dim() == 1
+    assert tok.bos_token_id not in ids.tolist()  # no special tokens added
+    assert tok.decode(ids, clean_up_tokenization_spaces=False) == "\n\n".join(texts)
+    long_ids = join_and_tokenize(tok, SENTENCES)  # far beyond model_max_length=16: not truncated
+    assert long_ids.numel() > 100
+
+
+def test_eval_windows_exact_and_non_overlapping():
+    ids = torch.arange(103)
+    w = eval_windows(ids, 10)
+    assert w.shape == (10, 10) and w.dtype == torch.long
+    assert torch.equal(w.flatten(), ids[:100])
+    assert eval_windows(ids, 10, max_windows=3).shape == (3, 10)
+    assert eval_windows(ids, 10, max_windows=50).shape == (10, 10)
+    with pytest.raises(ValueError, match="shorter"):
+        eval_windows(ids, 104)
+    with pytest.raises(ValueError):
+        eval_windows(ids, 10, max_windows=0)
+
+
+def test_calibration_windows_are_seeded_slices():
+    ids = torch.arange(1000) * 3 + 5
+    a = calibration_windows(ids, 16, 32, seed=0)
+    assert a.shape == (16, 32)
+    for row in a:
+        start = (int(row[0]) - 5) // 3
+        assert torch.equal(row, ids[start : start + 32])
+    assert torch.equal(a, calibration_windows(ids, 16, 32, seed=0))
+    assert not torch.equal(a, calibration_windows(ids, 16, 32, seed=1))
+    assert calibration_windows(ids[:32], 4, 32, seed=0).eq(ids[:32]).all()  # exactly one window fits
+    with pytest.raises(ValueError, match="shorter"):
+        calibration_windows(ids[:31], 4, 32, seed=0)
+
+
+def test_cache_hit_and_corrupt_rebuild(tok, corpus, tmp_path, monkeypatch):
+    path, _ = corpus
+    cache = tmp_path / "cache"
+    ids = cached_token_ids(tok, str(path), "train", cache)
+    files = list(cache.glob("*.safetensors"))
+    assert len(files) == 1 and not list(cache.glob("*.tmp"))
+    assert torch.equal(ids, join_and_tokenize(tok, load_texts(str(path), "train")))
+
+    import lsr.data.windows as windows
+
+    def boom(*a, **k):
+        raise AssertionError("cache miss")
+
+    monkeypatch.setattr(windows, "load_texts", boom)
+    hit = cached_token_ids(tok, str(path), "train", cache)
+    assert hit.dtype == torch.long and torch.equal(hit, ids)
+    monkeypatch.undo()
+
+    files[0].write_bytes(b"\x00garbage")
+    assert torch.equal(cached_token_ids(tok, str(path), "train", cache), ids)
+    monkeypatch.setattr(windows, "load_texts", boom)
+    assert torch.equal(cached_token_ids(tok, str(path), "train", cache), ids)  # rebuilt file is valid
+    # another split, or edited file content, gets its own cache entry
+    monkeypatch.undo()
+    cached_token_ids(tok, str(path), "eval", cache)
+    assert len(list(cache.glob("*.safetensors"))) == 2
+    path.write_text(path.read_text() + "\n\nA brand new closing paragraph.\n")
+    cached_token_ids(tok, str(path), "train", cache)
+    assert len(list(cache.glob("*.safetensors"))) == 3
+
+
+def test_cache_dir_env(tok, corpus, tmp_path, monkeypatch):
+    path, _ = corpus
+    monkeypatch.setenv("LSR_CACHE", str(tmp_path / "root"))
+    cached_token_ids(tok, str(path), "eval")
+    assert len(list((tmp_path / "root" / "tokens").glob("*.safetensors"))) == 1
+
+
+# --- data module -----------------------------------------------------------------------------------
+
+
+def test_data_module(tok, corpus, tmp_path):
+    path, _ = corpus
+    dm = LsrDataModule(tokenizer=tok, source=str(path), seq_len=8, num_calibration=5, max_eval_windows=3,
+                       batch_size=2, cache_dir=str(tmp_path / "c"))
+    dm.setup("fit")
+    train = list(dm.train_dataloader())
+    assert [b.shape for b in train] == [(2, 8), (2, 8), (1, 8)] and train[0].dtype == torch.long
+    assert torch.equal(torch.cat(train), dm.calibration_windows())
+    val = torch.cat(list(dm.val_dataloader()))
+    stream = join_and_tokenize(tok, load_texts(str(path), "eval"))
+    assert torch.equal(val, stream[:24].view(3, 8))
+    assert torch.equal(torch.cat(list(dm.test_dataloader())), val)
+    dm2 = LsrDataModule(tokenizer=tok, source=str(path), seq_len=8, num_calibration=5,
+                        cache_dir=str(tmp_path / "c"))
+    assert torch.equal(dm2.calibration_windows(), dm.calibration_windows())
+    assert dm.hparams.seq_len == 8
+
+
+@pytest.mark.parametrize("kw", [{"seq_len": 1}, {"num_calibration": 0}, {"batch_size": 0},
+                                {"max_eval_windows": 0}])
+def test_data_module_validation(kw):
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        LsrDataModule(**kw)
+
+
+def test_data_module_too_short_stream(tok, tmp_path):
+    f = tmp_path / "tiny.txt"
+    f.write_text("a b")
+    dm = LsrDataModule(tokenizer=tok, source=f"train={f},eval={f}", seq_len=64, cache_dir=str(tmp_path / "c"))
+    with pytest.raises(ValueError, match="shorter than one window"):
+        dm.setup("test")
+    assert os.path.isdir(tmp_path / "c")
