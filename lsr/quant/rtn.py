@@ -1,0 +1,91 @@
+"""Round-to-nearest quantization (symmetric or asymmetric; per channel / token / group / tensor).
+
+Convention, shared with the INT4 export and the kernels: the reduction runs over the LAST dimension, so
+"channel" on a weight ``W[out, in]`` means one scale per output channel and "token" on an activation
+``x[..., in]`` means one scale per token. Symmetric b-bit: ``scale = clip · absmax / (2^(b-1) − 1)``,
+``q = clamp(round(x / scale), −2^(b-1), 2^(b-1) − 1)`` (round half to even, as torch.round).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Granularity = Literal["channel", "token", "group", "tensor"]
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized."""
+
+    bits: int = 4
+    symmetric: bool = True
+    granularity: Granularity = "channel"
+    group_size: int = 128
+    clip_ratio: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ValueError(f"bits must be an integer in [2, 8], got {self.bits!r}")
+        if self.granularity not in ("channel", "token", "group", "tensor"):
+            raise ValueError(f"granularity must be channel, token, group or tensor, got {self.granularity!r}")
+        if self.granularity == "group" and self.group_size < 1:
+            raise ValueError(f"group_size must be positive, got {self.group_size}")
+        if not 0.0 < self.clip_ratio <= 1.0:
+            raise ValueError(f"clip_ratio must be in (0, 1], got {self.clip_ratio}")
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+
+def _grouped(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """View `x` so that each quantization group is one row of the last dimension."""
+    if spec.granularity == "tensor":
+        return x.reshape(1, -1)
+    if spec.granularity == "group":
+        if x.shape[-1] % spec.group_size:
+            raise ValueError(f"last dimension {x.shape[-1]} is not a multiple of group_size {spec.group_size}")
+        return x.reshape(*x.shape[:-1], x.shape[-1] // spec.group_size, spec.group_size)
+    return x
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+def quantize(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Integer codes (float tensor of integers, grouped shape), scale and zero point (None if symmetric)."""
+    g = _grouped(x, spec)
+    if spec.symmetric:
+        scale = g.abs().amax(dim=-1, keepdim=True) * (spec.clip_ratio / spec.qmax)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = torch.clamp(_round_ste(g / scale), spec.qmin, spec.qmax)
+        return q, scale, None
+    lo = g.amin(dim=-1, keepdim=True).clamp(max=0) * spec.clip_ratio
+    hi = g.amax(dim=-1, keepdim=True).clamp(min=0) * spec.clip_ratio
+    scale = (hi - lo) / spec.qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = torch.round(-lo / scale).detach()
+    q = torch.clamp(_round_ste(g / scale) + zero, spec.qmin, spec.qmax)
+    return q, scale, zero
+
+
+def dequantize(
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, shape: torch.Size
+) -> torch.Tensor:
+    """Inverse of `quantize` back to `shape`."""
+    values = (q - zero) * scale if zero is not None else q * scale
+    return values.reshape(shape)
+
+
+def fake_quantize(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Quantize and dequantize with a straight-through gradient (through rounding; scales stay differentiable)."""
+    q, scale, zero = quantize(x, spec)
+    return dequantize(q, scale, zero, x.shape).to(x.dtype)
