@@ -1,5 +1,14 @@
 """Quantizers: round-to-nearest with a straight-through gradient, and GPTQ."""
 
+from lsr.quant.gptq import HessianAccumulator, gptq_fake_quantize, gptq_quantize
 from lsr.quant.rtn import QuantSpec, dequantize, fake_quantize, quantize
 
-__all__ = ["QuantSpec", "dequantize", "fake_quantize", "quantize"]
+__all__ = [
+    "HessianAccumulator",
+    "QuantSpec",
+    "dequantize",
+    "fake_quantize",
+    "gptq_fake_quantize",
+    "gptq_quantize",
+    "quantize",
+]
