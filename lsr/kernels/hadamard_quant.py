@@ -1,0 +1,357 @@
+"""Fused online Hadamard + per-token int4 quantization + packing (Triton).
+
+One program handles ``BLOCK_M`` tokens and reads each once. For ``K = m·2^k`` the row is viewed as a tile
+``[m, n1, n2]`` (``n = n1·n2 = 2^k``; ``m`` padded to a power of two with zero rows) and ``x @ (H_m ⊗ H_n)`` is
+done as one small matrix product per axis, since for a Kronecker product each axis gets its own factor and the
+Sylvester ``H_n = H_{n1} ⊗ H_{n2}``. The factors are the unnormalised ±1 matrices from ``lsr.hadamard`` (exact
+in bf16), the products run on the tensor cores in bf16 with float32 accumulation, and the float32 operand of each
+stage is split into 3 (``precision="exact"``) or 2 (``"fast"``) bf16 terms, which keeps 24 (16) mantissa bits: the
+result equals a float32 Hadamard up to float32 rounding. The normalisation ``1/sqrt(K)`` only enters the scale.
+
+Quantization then matches :func:`lsr.kernels.reference.quantize_per_token_int4`: ``scale = max|y|/7`` (1 for a
+zero token), ``q = clamp(rint(y / scale), -8, 7)`` with IEEE division and round-half-to-even done by hand (exact
+on .5 ties, and identical under ``TRITON_INTERPRET=1``). Without a Hadamard the integers and scales are bit-exact.
+With one, float32 rounding in the transform differs from the reference's, so a value that lands within ~1e-6 of
+a .5 boundary can round the other way: off by exactly 1, rarely (tests require >= 99.9 % exact).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["HadamardPlan", "hadamard_plan", "quantize_int4", "fht_hadamard", "interpreting"]
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def _rint(x):
+    """Round half to even, exact for |x| < 2^23 (what torch.round does)."""
+    f = tl.math.floor(x)
+    d = x - f
+    odd = (f - 2.0 * tl.math.floor(0.5 * f)) != 0.0
+    return tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
+
+
+@triton.jit
+def _dot_pm1(v, h, NSPLIT: tl.constexpr, F32DOT: tl.constexpr):
+    """``v @ h`` for float32 ``v`` and a ±1 bf16 ``h``: ``v`` split into NSPLIT bf16 terms (8 bits each).
+
+    F32DOT (interpreter only, whose bf16 dot is not implemented) feeds the same bf16 terms to a float32 dot.
+    """
+    hi = v.to(tl.bfloat16)
+    if F32DOT:
+        hf = h.to(tl.float32)
+        acc = tl.dot(hi.to(tl.float32), hf, input_precision="ieee")
+    else:
+        acc = tl.dot(hi, h, out_dtype=tl.float32)
+    if NSPLIT >= 2:
+        r = v - hi.to(tl.float32)
+        mid = r.to(tl.bfloat16)
+        if F32DOT:
+            acc = tl.dot(mid.to(tl.float32), hf, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(mid, h, acc)
+        if NSPLIT >= 3:
+            lo = (r - mid.to(tl.float32)).to(tl.bfloat16)
+            if F32DOT:
+                acc = tl.dot(lo.to(tl.float32), hf, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(lo, h, acc)
+    return acc
+
+
+@triton.jit
+def _load_square(ptr, S: tl.constexpr):
+    i = tl.arange(0, S)
+    return tl.load(ptr + i[:, None] * S + i[None, :])
+
+
+@triton.jit
+def _hadamard_quant_kernel(
+    x_ptr, out_ptr, scale_ptr, hm_ptr, h1_ptr, h2_ptr,
+    M, stride_xm, stride_om, norm,
+    BLOCK_M: tl.constexpr, MM: tl.constexpr, MP: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr,
+    NSPLIT_IN: tl.constexpr, NSPLIT: tl.constexpr, OUT_FP8: tl.constexpr, F32DOT: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    a = tl.arange(0, MP)
+    j1 = tl.arange(0, N1)
+    j2 = tl.arange(0, N2)
+    col = a[:, None, None] * (N1 * N2) + j1[None, :, None] * N2 + j2[None, None, :]  # [MP, N1, N2]
+    row_off = rows.to(tl.int64)[:, None, None, None]
+    mask = (rows < M)[:, None, None, None] & (a < MM)[None, :, None, None]
+    y = tl.load(x_ptr + row_off * stride_xm + col[None], mask=mask, other=0.0).to(tl.float32)
+
+    # axis n2 (first: its input is the raw activation, exact in bf16 when x is bf16)
+    h2 = _load_square(h2_ptr, N2)
+    y = tl.reshape(_dot_pm1(tl.reshape(y, (BLOCK_M * MP * N1, N2)), h2, NSPLIT_IN, F32DOT), (BLOCK_M, MP, N1, N2))
+    if N1 > 1:  # axis n1
+        h1 = _load_square(h1_ptr, N1)
+        y = tl.permute(y, (0, 1, 3, 2))  # [BM, MP, N2, N1]
+        y = tl.reshape(_dot_pm1(tl.reshape(y, (BLOCK_M * MP * N2, N1)), h1, NSPLIT, F32DOT), (BLOCK_M, MP, N2, N1))
+        if MP > 1:  # axis m (H_m zero-padded to MP)
+            hm = _load_square(hm_ptr, MP)
+            y = tl.permute(y, (0, 2, 3, 1))  # [BM, N2, N1, MP]
+            y = tl.reshape(_dot_pm1(tl.reshape(y, (BLOCK_M * N2 * N1, MP)), hm, NSPLIT, F32DOT), (BLOCK_M, N2, N1, MP))
+            y = tl.permute(y, (0, 3, 2, 1))  # back to [BM, MP, N1, N2]
+        else:
+            y = tl.permute(y, (0, 1, 3, 2))
+    else:
+        if MP > 1:
+            hm = _load_square(hm_ptr, MP)
+            y = tl.permute(y, (0, 2, 3, 1))  # [BM, N1, N2, MP]
+            y = tl.reshape(_dot_pm1(tl.reshape(y, (BLOCK_M * N1 * N2, MP)), hm, NSPLIT, F32DOT), (BLOCK_M, N1, N2, MP))
+            y = tl.permute(y, (0, 3, 1, 2))
+
+    amax = tl.max(tl.reshape(tl.abs(y), (BLOCK_M, MP * N1 * N2)), axis=1)
+    s = tl.math.div_rn(amax, tl.full(amax.shape, 7.0, tl.float32))
+    safe = tl.where(amax == 0.0, 1.0, s)
+    tl.store(scale_ptr + rows, tl.where(amax == 0.0, 1.0, s * norm), mask=rows < M)
+    den = tl.broadcast_to(safe[:, None, None, None], (BLOCK_M, MP, N1, N2))
+    q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(y, den)), -8.0), 7.0)
+    if OUT_FP8:
+        tl.store(out_ptr + row_off * stride_om + col[None], q.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        qi = tl.reshape(q.to(tl.int32), (BLOCK_M, MP, N1, N2 // 2, 2))
+        lo, hi = tl.split(qi)
+        byte = ((lo & 15) | ((hi & 15) << 4)).to(tl.uint8)
+        jh = tl.arange(0, N2 // 2)
+        colh = a[:, None, None] * (N1 * N2 // 2) + j1[None, :, None] * (N2 // 2) + jh[None, None, :]
+        tl.store(out_ptr + row_off * stride_om + colh[None], byte, mask=mask)
+
+
+@triton.jit
+def _quant_kernel(
+    x_ptr, out_ptr, scale_ptr, M, K, stride_xm, stride_om,
+    BLOCK_M: tl.constexpr, KP: tl.constexpr, OUT_FP8: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, KP)
+    row_off = rows.to(tl.int64)[:, None]
+    rmask = (rows < M)[:, None]
+    x = tl.load(x_ptr + row_off * stride_xm + cols[None, :], mask=rmask & (cols < K)[None, :], other=0.0)
+    x = x.to(tl.float32)
+    amax = tl.max(tl.abs(x), axis=1)
+    s = tl.math.div_rn(amax, tl.full(amax.shape, 7.0, tl.float32))
+    safe = tl.where(amax == 0.0, 1.0, s)
+    tl.store(scale_ptr + rows, safe, mask=rows < M)
+    q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(x, tl.broadcast_to(safe[:, None], (BLOCK_M, KP)))), -8.0), 7.0)
+    if OUT_FP8:
+        tl.store(
+            out_ptr + row_off * stride_om + cols[None, :],
+            q.to(out_ptr.dtype.element_ty),
+            mask=rmask & (cols < K)[None, :],
+        )
+    else:
+        lo, hi = tl.split(tl.reshape(q.to(tl.int32), (BLOCK_M, KP // 2, 2)))
+        byte = ((lo & 15) | ((hi & 15) << 4)).to(tl.uint8)
+        ch = tl.arange(0, KP // 2)
+        tl.store(out_ptr + row_off * stride_om + ch[None, :], byte, mask=rmask & (ch < K // 2)[None, :])
+
+
+@dataclass(frozen=True)
+class HadamardPlan:
+    """How the fused kernel factors ``H_K = H_m ⊗ H_{n1} ⊗ H_{n2}`` (unnormalised ±1 factors, bf16)."""
+
+    k: int
+    m: int
+    mp: int
+    n1: int
+    n2: int
+    norm: float
+    hm: torch.Tensor
+    h1: torch.Tensor
+    h2: torch.Tensor
+
+
+_PLANS: dict[tuple[int, str], HadamardPlan | None] = {}
+
+
+def _pm1(n: int) -> torch.Tensor:
+    from lsr.hadamard import hadamard_matrix
+
+    h = (hadamard_matrix(n, dtype=torch.float64) * math.sqrt(n)).round()
+    if not bool((h.abs() == 1).all()):
+        raise RuntimeError(f"lsr.hadamard.hadamard_matrix({n}) * sqrt({n}) is not a ±1 matrix")
+    return h
+
+
+def _check_kron(K: int, hm: torch.Tensor, h1: torch.Tensor, h2: torch.Tensor) -> None:
+    """Compare a few rows of ``H_m ⊗ H_{n1} ⊗ H_{n2} / sqrt(K)`` with ``lsr.hadamard.hadamard_transform``."""
+    from lsr.hadamard import hadamard_transform
+
+    m, n1, n2 = hm.shape[0], h1.shape[0], h2.shape[0]
+    n = n1 * n2
+    probes = sorted({r for r in (0, 1, n2 - 1, n2, n - 1, n, K - 1, (K * 7) // 13, (K * 5) // 11) if r < K})
+    eye = torch.zeros(len(probes), K, dtype=torch.float32)
+    eye[torch.arange(len(probes)), torch.tensor(probes)] = 1.0
+    got = hadamard_transform(eye).double()
+    for i, r in enumerate(probes):
+        a, b = divmod(r, n)
+        b1, b2 = divmod(b, n2)
+        want = torch.outer(hm[a], torch.outer(h1[b1], h2[b2]).flatten()).flatten() / math.sqrt(K)
+        if not torch.allclose(got[i], want, atol=1e-5):
+            raise RuntimeError(
+                f"lsr.hadamard's H_{K} is not H_{m} ⊗ H_{n} (Sylvester) in the order the fused kernel assumes"
+            )
+
+
+def hadamard_plan(K: int, device: torch.device | str) -> HadamardPlan | None:
+    """The fused kernel's factorisation of ``H_K`` on ``device``; None if it cannot do this K (2^k < 16)."""
+    key = (K, str(torch.device(device)))
+    if key in _PLANS:
+        return _PLANS[key]
+    from lsr.hadamard import decompose
+
+    m, k = decompose(K)
+    n = 2**k
+    plan = None
+    if n >= 16:
+        if n <= 128:
+            n1, n2 = 1, n
+        else:
+            n2 = 2 ** ((k + 1) // 2)
+            n1 = n // n2
+        mp = 1 if m == 1 else triton.next_power_of_2(max(m, 16))
+        hm = _pm1(m) if m > 1 else torch.ones(1, 1, dtype=torch.float64)
+        h1 = _pm1(n1) if n1 > 1 else torch.ones(1, 1, dtype=torch.float64)
+        h2 = _pm1(n2)
+        _check_kron(K, hm, h1, h2)
+        hm_pad = torch.zeros(mp, mp, dtype=torch.float64)
+        hm_pad[:m, :m] = hm
+
+        def dev(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=device, dtype=torch.bfloat16).contiguous()
+
+        plan = HadamardPlan(K, m, mp, n1, n2, 1.0 / math.sqrt(K), dev(hm_pad), dev(h1), dev(h2))
+    _PLANS[key] = plan
+    return plan
+
+
+_NSPLIT = {"exact": 3, "fast": 2}
+_FHT_OK: dict[tuple[int, str], object] = {}
+
+
+def fht_hadamard(x: torch.Tensor) -> torch.Tensor:
+    """``x @ H_K`` in float32 through the optional ``fast_hadamard_transform`` package (CUDA only).
+
+    Its ``H_12/20/28/40`` need not be ``lsr.hadamard``'s: the first use per K compares a few rows and raises if
+    they differ (the offline rotation folded into the weights must be the same matrix).
+    """
+    if not x.is_cuda:
+        raise RuntimeError("fast_hadamard_transform runs on CUDA tensors only")
+    try:
+        import fast_hadamard_transform as fht
+        from fast_hadamard_transform import fast_hadamard_transform_interface as fhti
+    except ImportError as e:  # pragma: no cover - optional extra
+        raise RuntimeError("hadamard_impl='fht' needs the optional fast-hadamard-transform package") from e
+    from lsr.hadamard import decompose, hadamard_transform
+
+    K = x.shape[-1]
+    key = (K, str(x.device))
+    fn = _FHT_OK.get(key)
+    if fn is None:
+        m, _ = decompose(K)
+        fn = fht.hadamard_transform if m == 1 else getattr(fhti, f"hadamard_transform_{m}N", None)
+        if fn is None:
+            raise RuntimeError(f"fast_hadamard_transform has no {m}·2^k transform (K={K})")
+        probe = torch.randn(4, K, device=x.device, dtype=torch.float32)
+        ref = hadamard_transform(probe.cpu()).to(x.device)
+        if not torch.allclose(fn(probe, 1.0 / math.sqrt(K)), ref, atol=1e-3, rtol=1e-3):
+            raise RuntimeError(f"fast_hadamard_transform's H_{K} differs from lsr.hadamard's")
+        _FHT_OK[key] = fn
+    return fn(x.float().contiguous(), 1.0 / math.sqrt(K))
+
+
+def quantize_int4(
+    x: torch.Tensor,
+    *,
+    hadamard: bool,
+    out: str = "packed",
+    precision: str = "exact",
+    hadamard_impl: str = "fused",
+    block_m: int | None = None,
+    num_warps: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token int4 quantization of ``x [M, K]`` (bf16/fp16/fp32), optionally after ``x @ H_K``.
+
+    ``out="packed"`` returns the uint8 ``[M, K/2]`` container, ``out="fp8"`` the same integers as float8_e4m3fn
+    ``[M, K]`` (for the ``torch._scaled_mm`` path); plus float32 scales ``[M]``. ``hadamard_impl``: ``"fused"``
+    (this kernel; falls back to ``"torch"`` for K whose 2^k part is < 16), ``"torch"`` (``lsr.hadamard`` in
+    float32, then the plain kernel), ``"fht"`` (``fast_hadamard_transform`` in float32, then the plain kernel).
+    ``block_m`` (tokens per program, a power of two) and ``num_warps`` override the heuristics (benchmark sweeps).
+    """
+    if x.dim() != 2:
+        raise ValueError(f"quantize_int4 expects [M, K], got {tuple(x.shape)}")
+    if out not in ("packed", "fp8"):
+        raise ValueError(f"out must be 'packed' or 'fp8', got {out!r}")
+    if precision not in _NSPLIT:
+        raise ValueError(f"precision must be one of {tuple(_NSPLIT)}, got {precision!r}")
+    M, K = x.shape
+    if K % 2:
+        raise ValueError(f"K must be even for int4 packing, got {K}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if out == "packed":
+        q = torch.empty(M, K // 2, dtype=torch.uint8, device=x.device)
+    else:
+        q = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(M, dtype=torch.float32, device=x.device)
+    if M == 0:
+        return q, scale
+    plan = hadamard_plan(K, x.device) if hadamard and hadamard_impl == "fused" else None
+    if hadamard and plan is None:
+        if hadamard_impl == "fht":
+            x = fht_hadamard(x)
+        elif hadamard_impl in ("fused", "torch"):
+            from lsr.hadamard import hadamard_transform
+
+            x = hadamard_transform(x.float())
+        else:
+            raise ValueError(f"hadamard_impl must be 'fused', 'torch' or 'fht', got {hadamard_impl!r}")
+    if plan is None:
+        kp = triton.next_power_of_2(K)
+        bm = block_m or max(1, min(triton.next_power_of_2(M), 64, 8192 // kp))
+        warps = num_warps or (4 if bm * kp <= 4096 else 8)
+        _quant_kernel[(triton.cdiv(M, bm),)](
+            x,
+            q,
+            scale,
+            M,
+            K,
+            x.stride(0),
+            q.stride(0),
+            BLOCK_M=bm,
+            KP=kp,
+            OUT_FP8=out == "fp8",
+            num_warps=warps,
+        )
+        return q, scale
+    ns = _NSPLIT[precision]
+    ns_in = {torch.bfloat16: 1, torch.float16: 2}.get(x.dtype, ns)
+    elems = plan.mp * plan.n1 * plan.n2
+    need = max(1, 16 // (plan.mp * plan.n1))  # tl.dot needs >= 16 rows in the first stage
+    bm = max(need, block_m or min(triton.next_power_of_2(M), max(1, 8192 // elems)))
+    total = bm * elems
+    warps = num_warps or (4 if total <= 4096 else (8 if total <= 8192 else 16))
+    _hadamard_quant_kernel[(triton.cdiv(M, bm),)](
+        x, q, scale, plan.hm, plan.h1, plan.h2, M, x.stride(0), q.stride(0), plan.norm,
+        BLOCK_M=bm, MM=plan.m, MP=plan.mp, N1=plan.n1, N2=plan.n2, NSPLIT_IN=min(ns_in, ns), NSPLIT=ns,
+        OUT_FP8=out == "fp8", F32DOT=interpreting(), num_warps=warps,
+    )  # fmt: skip
+    return q, scale

@@ -1,0 +1,649 @@
+#!/usr/bin/env python
+"""Benchmark lsr's W4A4 kernels on a CUDA GPU (written for one H100) against bf16 cuBLAS and FP8 row-wise.
+
+Default run (LLaMA-3-8B linear shapes N×K ∈ {4096×4096, 14336×4096, 4096×14336}, M ∈ {1, 16, 128, 2048, 8192}):
+
+* ``bf16``           torch ``x @ w.T`` (cuBLAS), the baseline of every ratio
+* ``fp8``            ``torch._scaled_mm`` FP8 e4m3 with row-wise scales, ``use_fast_accum=True`` (the peer to beat;
+                     GEMM only, operands already FP8)
+* ``lsr_gemm``       lsr W4A4 product alone on packed int4 operands (decode kernel for M <= 16, else Triton GEMM)
+* ``lsr_tc_gemm``    the Triton tensor-core GEMM at every M (for the decode-kernel crossover)
+* ``lsr_fp8_gemm``   lsr's FP8 path alone: widen packed weights to FP8 + ``_scaled_mm`` with exact accumulation
+* ``lsr_H_triton``   ``w4a4_linear(hadamard=True, backend="triton")``: fused Hadamard+quant kernel, then the GEMM
+* ``lsr_H_fp8``      ``w4a4_linear(hadamard=True, backend="fp8")`` (M > 16)
+* ``lsr_H_auto``     ``w4a4_linear(hadamard=True, backend="auto")``
+
+then the Hadamard+quant kernel alone at M = 8192, K ∈ {4096, 14336}, against the copy bound (activation read once,
+int4 + scales written once, at the device-to-device copy bandwidth measured here), with a small (block_m,
+num_warps) sweep. Times are medians of ``triton.testing.do_bench`` over CUDA-graph replays of one call per input
+set, rotating enough sets to spill the 50 MB L2. Results print as markdown and go to ``--out`` as JSON.
+
+``--e2e``: a LLaMA-3-8B-shaped model (random weights, no hub; ``--layers`` to shrink it): prefill and decode
+tokens/s (decode step captured in a CUDA graph with a static KV cache), bf16 vs every decoder linear replaced by
+``w4a4_linear`` (down_proj with the online Hadamard, its weight pre-rotated), and weight memory.
+
+``--compile-report`` compiles every kernel variant for sm_90 with Triton's bundled ptxas and prints registers,
+stack (spills), shared memory and SASS op counts (wide loads, IGMMA/IDP, local memory): no GPU needed.
+
+Everything else needs CUDA; on a machine without it, it says so and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import re
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+L2_BYTES = 50 * 2**20  # H100 L2; rotation sets are sized to exceed a few times this
+SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336))  # (N, K): q/o-like, gate/up, down
+MS = (1, 16, 128, 2048, 8192)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", default="benchmarks/kernels_h100.json", help="JSON output path")
+    p.add_argument("--ms", default=",".join(map(str, MS)), help="comma-separated token counts M")
+    p.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES), help="comma-separated NxK")
+    p.add_argument("--quant-ks", default="4096,14336", help="K values for the Hadamard+quant-alone section")
+    p.add_argument("--quant-m", type=int, default=8192)
+    p.add_argument("--warmup-ms", type=float, default=25.0)
+    p.add_argument("--rep-ms", type=float, default=200.0)
+    p.add_argument("--skip-checks", action="store_true", help="skip the exactness checks before timing")
+    p.add_argument("--no-gemm", action="store_true", help="skip the GEMM table")
+    p.add_argument("--no-quant", action="store_true", help="skip the Hadamard+quant section")
+    p.add_argument("--e2e", action="store_true", help="run the LLaMA-3-8B-shaped end-to-end benchmark instead")
+    p.add_argument("--layers", type=int, default=32, help="--e2e: decoder layers (32 = LLaMA-3-8B)")
+    p.add_argument("--prefill-len", type=int, default=2048, help="--e2e: prompt tokens per prefill")
+    p.add_argument("--decode-batch", default="1,16", help="--e2e: comma-separated decode batch sizes")
+    p.add_argument("--context", type=int, default=1024, help="--e2e: KV-cache length at which decode is timed")
+    p.add_argument("--compile-report", action="store_true",
+                   help="compile the kernels for --arch with ptxas and print registers, spills, SASS op counts\n"
+                        "(no GPU needed)")  # fmt: skip
+    p.add_argument("--arch", type=int, default=90, help="--compile-report: compute capability (90 = Hopper)")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------- timing
+
+
+def _bench(call: Callable[[int], object], n_sets: int, warmup_ms: float, rep_ms: float) -> tuple[float, str]:
+    """Median ms of one ``call(i)``: a CUDA graph replays ``call(0..n_sets-1)``; eager loop if capture fails."""
+    import triton
+
+    for i in range(n_sets):  # compile / autotune / lazy init outside the graph
+        call(i)
+    torch.cuda.synchronize()
+    try:
+        g = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for i in range(n_sets):
+                call(i)
+        torch.cuda.current_stream().wait_stream(stream)
+        with torch.cuda.graph(g):
+            for i in range(n_sets):
+                call(i)
+        ms = triton.testing.do_bench(g.replay, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+        return ms / n_sets, "graph"
+    except Exception as e:  # noqa: BLE001 - report and fall back
+        print(f"  (CUDA graph capture failed: {type(e).__name__}: {e}; timing eagerly)", file=sys.stderr)
+        torch.cuda.synchronize()
+
+        def loop() -> None:
+            for i in range(n_sets):
+                call(i)
+
+        ms = triton.testing.do_bench(loop, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+        return ms / n_sets, "eager"
+
+
+def _n_sets(bytes_per_set: int) -> int:
+    return max(1, min(16, math.ceil(3 * L2_BYTES / max(bytes_per_set, 1))))
+
+
+def _copy_bandwidth(warmup_ms: float, rep_ms: float) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write counted) on a 1 GiB buffer."""
+    import triton
+
+    src = torch.randn(2**28, device="cuda")  # 1 GiB
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=warmup_ms, rep=rep_ms, return_mode="median")
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+
+
+# ----------------------------------------------------------------------------------------------- GEMM table
+
+
+def _fp8_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    s = x.float().abs().amax(-1).clamp_min(1e-12) / 448.0
+    return (x.float() / s[:, None]).to(torch.float8_e4m3fn), s
+
+
+def _gemm_methods(
+    w: torch.Tensor, w8: torch.Tensor, sw8: torch.Tensor, pw: torch.Tensor, sw: torch.Tensor, m: int
+) -> dict[str, tuple[Callable[[int], object], int]]:
+    """The timed calls for one (N, K, M): ``name -> (call(i) on input set i, number of sets)``."""
+    from lsr.kernels import quantize_weight_int4, w4a4_linear
+    from lsr.kernels.hadamard_quant import quantize_int4
+    from lsr.kernels.w4a4_gemm import w4a4_decode, w4a4_fp8_matmul, w4a4_gemm, widen_int4_to_fp8
+
+    n, k = w.shape
+    ns = _n_sets(n * k // 2 + m * k * 2)
+    xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(ns)]
+    n_w = _n_sets(n * k * 2 + m * k * 2)
+    ws_bf16 = [w] + [torch.randn_like(w) for _ in range(n_w - 1)]
+    n_w8 = _n_sets(n * k + m * k)
+    ws8 = [(w8, sw8)] + [_fp8_rowwise(torch.randn_like(w)) for _ in range(n_w8 - 1)]
+    xs8 = [_fp8_rowwise(xs[i % ns]) for i in range(n_w8)]
+    pws = [(pw, sw)] + [quantize_weight_int4(torch.randn_like(w)) for _ in range(ns - 1)]
+    pas = [quantize_int4(xi, hadamard=False) for xi in xs]
+    qa8 = [quantize_int4(xi, hadamard=False, out="fp8") for xi in xs]
+    small = w4a4_decode if m <= 16 else w4a4_gemm
+
+    def fp8_peer(i: int) -> torch.Tensor:
+        (xa, sa), (wb, sb) = xs8[i], ws8[i]
+        return torch._scaled_mm(xa, wb.t(), scale_a=sa.view(-1, 1), scale_b=sb.view(1, -1),
+                                out_dtype=torch.bfloat16, use_fast_accum=True)  # fmt: skip
+
+    methods: dict[str, tuple[Callable[[int], object], int]] = {
+        "bf16": (lambda i: xs[i % ns] @ ws_bf16[i].T, n_w),
+        "fp8": (fp8_peer, n_w8),
+        "lsr_gemm": (lambda i: small(pas[i][0], pas[i][1], *pws[i], torch.bfloat16), ns),
+        "lsr_tc_gemm": (lambda i: w4a4_gemm(pas[i][0], pas[i][1], *pws[i], torch.bfloat16), ns),
+        "lsr_fp8_gemm": (
+            lambda i: w4a4_fp8_matmul(qa8[i][0], qa8[i][1], widen_int4_to_fp8(pws[i][0]), pws[i][1]),
+            ns,
+        ),
+        "lsr_H_triton": (lambda i: w4a4_linear(xs[i], *pws[i], hadamard=True, backend="triton"), ns),
+        "lsr_H_auto": (lambda i: w4a4_linear(xs[i], *pws[i], hadamard=True, backend="auto"), ns),
+    }
+    if m > 16:
+        methods["lsr_H_fp8"] = (lambda i: w4a4_linear(xs[i], *pws[i], hadamard=True, backend="fp8"), ns)
+    return methods
+
+
+def bench_gemm(args: argparse.Namespace, results: dict) -> None:
+    from lsr.kernels import quantize_weight_int4, w4a4_matmul_reference
+    from lsr.kernels.hadamard_quant import quantize_int4
+    from lsr.kernels.reference import quantize_per_token_int4, unpack_int4
+    from lsr.kernels.w4a4_gemm import w4a4_decode, w4a4_fp8_matmul, w4a4_gemm, widen_int4_to_fp8
+
+    ms_list = [int(m) for m in args.ms.split(",")]
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    rows = results.setdefault("gemm", [])
+    checks = results.setdefault("checks", [])
+    for n, k in shapes:
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        pw, sw = quantize_weight_int4(w)
+        w8, sw8 = _fp8_rowwise(w)
+        for m in ms_list:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            if not args.skip_checks:
+                qa, sa = quantize_per_token_int4(x, hadamard=False)
+                pa = quantize_int4(x, hadamard=False)[0]
+                ref = w4a4_matmul_reference(qa, sa, pw, sw, torch.bfloat16)
+                fn = w4a4_decode if m <= 16 else w4a4_gemm
+                c = {"N": n, "K": k, "M": m}
+                c["lsr_gemm_exact"] = bool(torch.equal(fn(pa, sa, pw, sw, torch.bfloat16), ref))
+                a8, w8x = qa.float().to(torch.float8_e4m3fn), widen_int4_to_fp8(pw)
+                one_a, one_w = torch.ones_like(sa), torch.ones_like(sw)
+                acc = w4a4_fp8_matmul(a8, one_a, w8x, one_w, torch.float32)
+                ref_acc = w4a4_matmul_reference(qa, one_a, pw, one_w, torch.float32)
+                c["fp8_path_exact_int_sums"] = bool(torch.equal(acc, ref_acc))
+                y8 = w4a4_fp8_matmul(a8, sa, w8x, sw, torch.bfloat16)  # row-wise scales in cuBLAS's epilogue
+                c["fp8_path_bf16_equal_frac"] = float((y8 == ref).float().mean())
+                ph, sh = quantize_int4(x, hadamard=True)
+                qh, shr = quantize_per_token_int4(x, hadamard=True)
+                d = (unpack_int4(ph).int() - qh.int()).abs()
+                c["hadamard_quant_mismatch_frac"] = float((d > 0).float().mean())
+                c["hadamard_quant_max_diff"] = int(d.max())
+                c["hadamard_scale_max_rel"] = float(((sh - shr).abs() / shr).max())
+                checks.append(c)
+                print(f"check N={n} K={k} M={m}: {c}")
+            methods = _gemm_methods(w, w8, sw8, pw, sw, m)
+            times: dict[str, float] = {}
+            for name, (call, nsets) in methods.items():
+                try:
+                    t, mode = _bench(call, nsets, args.warmup_ms, args.rep_ms)
+                except Exception as e:  # noqa: BLE001 - keep the table going, record the failure
+                    print(f"  {name} N={n} K={k} M={m} failed: {type(e).__name__}: {e}", file=sys.stderr)
+                    rows.append({"N": n, "K": k, "M": m, "method": name, "error": f"{type(e).__name__}: {e}"})
+                    continue
+                times[name] = t
+                rows.append({"N": n, "K": k, "M": m, "method": name, "ms": t, "timing": mode, "sets": nsets,
+                             "tflops": 2 * m * n * k / (t * 1e-3) / 1e12})  # fmt: skip
+            for r in rows:
+                if r.get("N") == n and r.get("K") == k and r.get("M") == m and "ms" in r:
+                    r["x_bf16"] = times["bf16"] / r["ms"] if "bf16" in times else None
+                    r["x_fp8"] = times["fp8"] / r["ms"] if "fp8" in times else None
+            line = "  ".join(f"{a}={b * 1e3:.1f}us" for a, b in times.items())
+            print(f"N={n} K={k} M={m}: {line}", flush=True)
+            del methods
+            torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------- quant alone
+
+
+def _quant_variants(xs: list[torch.Tensor]) -> dict[str, Callable[[int], object]]:
+    from lsr.kernels.hadamard_quant import quantize_int4
+    from lsr.kernels.reference import quantize_per_token_int4
+
+    dst = [torch.empty_like(xi) for xi in xs]
+    variants: dict[str, Callable[[int], object]] = {
+        "copy_x (read+write bf16 x)": lambda i: dst[i].copy_(xs[i]),
+        "lsr plain quant (no H)": lambda i: quantize_int4(xs[i], hadamard=False),
+        "lsr fused H+quant exact": lambda i: quantize_int4(xs[i], hadamard=True),
+        "lsr fused H+quant fast": lambda i: quantize_int4(xs[i], hadamard=True, precision="fast"),
+        "torch H (lsr.hadamard) + lsr quant": lambda i: quantize_int4(xs[i], hadamard=True, hadamard_impl="torch"),
+        "torch reference H+quant (unfused)": lambda i: quantize_per_token_int4(xs[i], hadamard=True),
+    }
+    try:
+        import fast_hadamard_transform  # noqa: F401
+
+        variants["fht + lsr quant"] = lambda i: quantize_int4(xs[i], hadamard=True, hadamard_impl="fht")
+    except ImportError:
+        pass
+    for bm in (1, 2, 4, 8):
+        for warps in (4, 8, 16):
+            variants[f"sweep fused H+quant bm={bm} warps={warps}"] = lambda i, bm=bm, warps=warps: quantize_int4(
+                xs[i], hadamard=True, block_m=bm, num_warps=warps
+            )
+    return variants
+
+
+def bench_quant(args: argparse.Namespace, results: dict) -> None:
+    bw = results["meta"]["copy_bandwidth_GBps"] * 1e9
+    rows = results.setdefault("quant", [])
+    m = args.quant_m
+    for k in (int(v) for v in args.quant_ks.split(",")):
+        xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(_n_sets(m * k * 2))]
+        ns = len(xs)
+        moved = m * k * 2 + m * k // 2 + m * 4
+        bound_ms = moved / bw * 1e3
+        variants = _quant_variants(xs)
+        for name, call in variants.items():
+            try:
+                t, mode = _bench(call, ns, args.warmup_ms, args.rep_ms)
+            except Exception as e:  # noqa: BLE001
+                print(f"  {name} K={k} failed: {type(e).__name__}: {e}", file=sys.stderr)
+                rows.append({"M": m, "K": k, "variant": name, "error": f"{type(e).__name__}: {e}"})
+                continue
+            rows.append({"M": m, "K": k, "variant": name, "ms": t, "timing": mode, "bound_ms": bound_ms,
+                         "x_bound": t / bound_ms})  # fmt: skip
+            print(f"quant M={m} K={k} {name}: {t * 1e3:.1f}us ({t / bound_ms:.2f}x copy bound)", flush=True)
+        del xs, variants
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------- end to end
+
+
+class W4A4Linear(torch.nn.Module):
+    """Drop-in for a bias-free ``nn.Linear``: int4 weights, ``w4a4_linear`` forward."""
+
+    def __init__(self, lin: torch.nn.Linear, hadamard: bool, backend: str = "auto") -> None:
+        super().__init__()
+        from lsr.hadamard import hadamard_transform
+        from lsr.kernels import quantize_weight_int4
+
+        w = lin.weight.detach().float()
+        if hadamard:  # the online x·H is undone by folding H into the weight: (xH)(WH)^T = x W^T
+            w = hadamard_transform(w)
+        packed, scale = quantize_weight_int4(w)
+        self.register_buffer("packed", packed)
+        self.register_buffer("scale", scale)
+        self.bias = None if lin.bias is None else torch.nn.Parameter(lin.bias.detach().clone())
+        self.hadamard, self.backend = hadamard, backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from lsr.kernels import w4a4_linear
+
+        return w4a4_linear(x, self.packed, self.scale, hadamard=self.hadamard, backend=self.backend, bias=self.bias)
+
+
+def _to_w4a4(model: torch.nn.Module) -> int:
+    names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    count = 0
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name in names:
+                lin = getattr(parent, name, None)
+                if isinstance(lin, torch.nn.Linear):
+                    setattr(parent, name, W4A4Linear(lin, hadamard=name == "down_proj"))
+                    del lin
+                    count += 1
+        torch.cuda.empty_cache()
+    return count
+
+
+def _weight_bytes(model: torch.nn.Module) -> dict[str, float]:
+    total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    layers = sum(
+        t.numel() * t.element_size() for t in list(model.model.layers.parameters()) + list(model.model.layers.buffers())
+    )
+    return {"all_GB": total / 1e9, "decoder_layers_GB": layers / 1e9}
+
+
+def _static_cache(config, batch: int, max_len: int):
+    from transformers import StaticCache
+
+    try:
+        return StaticCache(config=config, max_cache_len=max_len)
+    except TypeError:  # older transformers
+        return StaticCache(config=config, max_batch_size=batch, max_cache_len=max_len, device="cuda",
+                           dtype=torch.bfloat16)  # fmt: skip
+
+
+def _decode_step(model, tok, cache, cpos, ppos) -> Callable[[], object]:
+    def step():
+        return model(input_ids=tok, past_key_values=cache, cache_position=cpos, position_ids=ppos, use_cache=True)
+
+    return step
+
+
+@torch.no_grad()
+def _measure(model, config, args: argparse.Namespace, label: str) -> dict:
+    import triton
+
+    out: dict = {"weights": _weight_bytes(model), "memory_allocated_GB": torch.cuda.memory_allocated() / 1e9}
+    vocab = config.vocab_size
+    ids = torch.randint(0, vocab, (1, args.prefill_len), device="cuda")
+    prefill = lambda: model.model(input_ids=ids, use_cache=False)  # decoder stack; lm_head is the same in both
+    prefill()
+    torch.cuda.synchronize()
+    t = triton.testing.do_bench(prefill, warmup=args.warmup_ms, rep=max(args.rep_ms, 500), return_mode="median")
+    out["prefill"] = {"tokens": args.prefill_len, "ms": t, "tokens_per_s": args.prefill_len / (t * 1e-3)}
+    print(f"[{label}] prefill {args.prefill_len} tokens: {t:.2f} ms, {args.prefill_len / t * 1e3:.0f} tok/s")
+    out["decode"] = []
+    for batch in (int(b) for b in args.decode_batch.split(",")):
+        ctx = args.context
+        cache = _static_cache(config, batch, ctx + 8)
+        prompt = torch.randint(0, vocab, (batch, ctx), device="cuda")
+        pos = torch.arange(ctx, device="cuda")
+        model(input_ids=prompt, past_key_values=cache, cache_position=pos, use_cache=True)
+        tok = torch.randint(0, vocab, (batch, 1), device="cuda")
+        cpos = torch.tensor([ctx], device="cuda")
+        ppos = cpos.view(1, 1).expand(batch, 1)
+
+        step = _decode_step(model, tok, cache, cpos, ppos)
+        rec = {"batch": batch, "context": ctx}
+        try:
+            ms, mode = _bench(lambda i, step=step: step(), 1, args.warmup_ms, max(args.rep_ms, 500))
+        except Exception as e:  # noqa: BLE001
+            rec["error"] = f"{type(e).__name__}: {e}"
+            print(f"[{label}] decode batch {batch} failed: {rec['error']}", file=sys.stderr)
+            out["decode"].append(rec)
+            continue
+        rec.update(ms_per_step=ms, timing=mode, tokens_per_s=batch / (ms * 1e-3))
+        out["decode"].append(rec)
+        print(f"[{label}] decode batch {batch} @ctx {ctx}: {ms:.3f} ms/step ({mode}), {batch / ms * 1e3:.0f} tok/s")
+        del cache
+        torch.cuda.empty_cache()
+    return out
+
+
+def bench_e2e(args: argparse.Namespace, results: dict) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=args.layers,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+        rms_norm_eps=1e-5, tie_word_embeddings=False,
+    )  # fmt: skip
+    config._attn_implementation = "sdpa"
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(default)
+    e2e = results.setdefault("e2e", {"layers": args.layers})
+    e2e["bf16"] = _measure(model, config, args, "bf16")
+    t0 = time.time()
+    e2e["replaced_linears"] = _to_w4a4(model)
+    e2e["convert_s"] = time.time() - t0
+    torch.cuda.empty_cache()
+    e2e["w4a4"] = _measure(model, config, args, "w4a4")
+    b, q = e2e["bf16"], e2e["w4a4"]
+    e2e["prefill_speedup"] = q["prefill"]["tokens_per_s"] / b["prefill"]["tokens_per_s"]
+    e2e["decoder_weight_ratio"] = q["weights"]["decoder_layers_GB"] / b["weights"]["decoder_layers_GB"]
+
+
+# ----------------------------------------------------------------------------------------------- compile report
+
+
+def _kernel_cases() -> list[tuple[str, object, dict[str, str], dict, int, int]]:
+    """(label, kernel, signature of runtime args, constexprs, num_warps, num_stages) for the shapes benchmarked."""
+    from lsr.kernels import hadamard_quant as hq
+    from lsr.kernels import w4a4_gemm as wg
+
+    f32, u8, bf16, i32 = "*fp32", "*u8", "*bf16", "i32"
+    hq_sig = {"x_ptr": bf16, "out_ptr": u8, "scale_ptr": f32, "hm_ptr": bf16, "h1_ptr": bf16, "h2_ptr": bf16,
+              "M": i32, "stride_xm": i32, "stride_om": i32, "norm": "fp32"}  # fmt: skip
+    q_sig = {
+        "x_ptr": bf16,
+        "out_ptr": u8,
+        "scale_ptr": f32,
+        "M": i32,
+        "K": i32,
+        "stride_xm": i32,
+        "stride_om": i32,
+    }
+    g_sig = {"a_ptr": u8, "w_ptr": u8, "sa_ptr": f32, "sw_ptr": f32, "out_ptr": bf16, "M": i32, "N": i32, "KH": i32,
+             "stride_am": i32, "stride_wn": i32, "stride_om": i32, "M_BUCKET": i32}  # fmt: skip
+    d_sig = {"a_ptr": u8, "w_ptr": u8, "sa_ptr": f32, "sw_ptr": f32, "out_ptr": bf16, "ws_ptr": f32, "M": i32, "N": i32,
+             "KH": i32, "stride_am": i32, "stride_wn": i32, "stride_om": i32, "CHUNKS": i32}  # fmt: skip
+    d4_sig = dict(d_sig, a_ptr="*i32", w_ptr="*i32")
+    d4_sig = {("KW" if k == "KH" else k): v for k, v in d4_sig.items()}
+    cases = []
+    for k, c, warps in [
+        (4096, dict(BLOCK_M=2, MM=1, MP=1, N1=64, N2=64), 8),
+        (14336, dict(BLOCK_M=1, MM=28, MP=32, N1=16, N2=32), 16),
+        (14336, dict(BLOCK_M=1, MM=28, MP=32, N1=16, N2=32), 8),
+    ]:
+        const = dict(c, NSPLIT_IN=1, NSPLIT=3, OUT_FP8=False, F32DOT=False)
+        cases.append((f"hadamard_quant K={k} warps={warps}", hq._hadamard_quant_kernel, hq_sig, const, warps, 3))
+    for kp, bm in ((4096, 2), (16384, 1)):
+        const = dict(BLOCK_M=bm, KP=kp, OUT_FP8=False)
+        cases.append((f"quant (no H) KP={kp}", hq._quant_kernel, q_sig, const, 8, 3))
+    for cfg in wg._hopper_configs():
+        const = dict(cfg.kwargs, EVEN_K=True, RAW=False)
+        label = "gemm " + "x".join(str(cfg.kwargs[x]) for x in ("BLOCK_M", "BLOCK_N", "BLOCK_KH"))
+        cases.append((label + f" w{cfg.num_warps} s{cfg.num_stages}", wg._w4a4_gemm_kernel, g_sig, const,
+                      cfg.num_warps, cfg.num_stages))  # fmt: skip
+    for bm, (bn, bk) in wg._DP4A_TILES.items():
+        const = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_KW=bk, SPLIT_K=2, RAW=False, EMULATE=False)
+        cases.append((f"decode dp4a M<={bm} {bn}x{bk}w", wg._w4a4_decode_dp4a_kernel, d4_sig, const, 4, 3))
+    fp8 = "*fp8e4nv"
+    const = dict(BLOCK_M=1, MM=28, MP=32, N1=16, N2=32, NSPLIT_IN=1, NSPLIT=3, OUT_FP8=True, F32DOT=False)
+    cases.append(("hadamard_quant K=14336 -> fp8", hq._hadamard_quant_kernel, dict(hq_sig, out_ptr=fp8), const, 16, 3))
+    w_sig = {"p_ptr": u8, "out_ptr": fp8, "R": i32, "KH": i32}
+    cases.append(("widen int4 -> fp8", wg._widen_fp8_kernel, w_sig, dict(BLOCK_R=16, BLOCK_KH=128), 4, 3))
+    e_sig = {"ws_ptr": f32, "sa_ptr": f32, "sw_ptr": f32, "out_ptr": bf16, "M": i32, "N": i32, "stride_om": i32}
+    const = dict(SPLIT_K=8, BLOCK_MP=1, BLOCK_M=1, BLOCK_N=128, RAW=False)
+    cases.append(("split-K epilogue", wg._splitk_epilogue_kernel, e_sig, const, 4, 3))
+    for bm, (bn, bk) in wg._DECODE_TILES.items():
+        const = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_KH=bk, SPLIT_K=2, RAW=False)
+        cases.append((f"decode fma M<={bm} {bn}x{bk}B", wg._w4a4_decode_kernel, d_sig, const, 4, 3))
+    return cases
+
+
+_SASS_OP = re.compile(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Z0-9_]+)*)", re.M)
+
+
+def compile_report(args: argparse.Namespace) -> int:
+    """Compile every kernel variant for sm_90 with ptxas (no GPU needed) and print resources and key SASS ops.
+
+    Runtime ints and pointers are marked divisible by 16, as a launch with aligned LLaMA shapes specialises them.
+    """
+    import collections
+    import os
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    target = GPUTarget("cuda", args.arch, 32)
+    watch = (
+        "LDG",
+        "STG",
+        "LDL",
+        "STL",
+        "IGMMA",
+        "HGMMA",
+        "QGMMA",
+        "IMMA",
+        "HMMA",
+        "IDP",
+        "FFMA",
+        "SHFL",
+        "BAR",
+    )
+    print(f"| kernel | regs | stack | smem | {' | '.join(watch)} |")
+    print("|---|---|---|---|" + "---|" * len(watch))
+    for label, fn, sig, const, warps, stages in _kernel_cases():
+        full = {**sig, **{k: "constexpr" for k in const}}
+        attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, v in sig.items() if v != "fp32"}
+        try:
+            kern = triton.compile(
+                ASTSource(fn=fn, signature=full, constexprs=const, attrs=attrs), target=target,
+                options={"num_warps": warps, "num_stages": stages},
+            )  # fmt: skip
+        except Exception as e:  # noqa: BLE001
+            print(f"| {label} | compile failed: {type(e).__name__}: {str(e).splitlines()[0][:120]} |")
+            continue
+        with tempfile.TemporaryDirectory() as d:
+            cubin = os.path.join(d, "k.cubin")
+            Path(cubin).write_bytes(kern.asm["cubin"])
+            res = subprocess.run([bindir / "cuobjdump", "-res-usage", cubin], capture_output=True, text=True).stdout
+            sass = subprocess.run([bindir / "cuobjdump", "-sass", cubin], capture_output=True, text=True).stdout
+        regs = re.search(r"REG:(\d+)", res)
+        stack = re.search(r"STACK:(\d+)", res)
+        ops = collections.Counter(m.group(1) + (m.group(2) or "") for m in _SASS_OP.finditer(sass))
+        cells = []
+        for w in watch:
+            hits = {k: v for k, v in ops.items() if k.split(".")[0].startswith(w)}
+            cells.append(" ".join(f"{k.removeprefix(w)}:{v}" if k != w else str(v) for k, v in sorted(hits.items())))
+        print(f"| {label} | {regs.group(1) if regs else '?'} | {stack.group(1) if stack else '?'} | "
+              f"{kern.metadata.shared} | " + " | ".join(cells) + " |", flush=True)  # fmt: skip
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+def _markdown(results: dict) -> str:
+    lines = []
+    gemm = [r for r in results.get("gemm", []) if "ms" in r]
+    if gemm:
+        methods = list(dict.fromkeys(r["method"] for r in gemm))
+        lines.append("| N×K | M | " + " | ".join(methods) + " |")
+        lines.append("|---|---|" + "---|" * len(methods))
+        for key in dict.fromkeys((r["N"], r["K"], r["M"]) for r in gemm):
+            by = {r["method"]: r for r in gemm if (r["N"], r["K"], r["M"]) == key}
+            cells = []
+            for mth in methods:
+                r = by.get(mth)
+                if r is None:
+                    cells.append("–")
+                elif mth == "bf16":
+                    cells.append(f"{r['ms'] * 1e3:.1f} µs")
+                else:
+                    cells.append(f"{r['ms'] * 1e3:.1f} µs ({r['x_bf16']:.2f}× bf16, {r['x_fp8']:.2f}× fp8)")
+            lines.append(f"| {key[0]}×{key[1]} | {key[2]} | " + " | ".join(cells) + " |")
+        lines.append("")
+        lines.append("(ratios are speedups: bf16 time / method time, fp8 time / method time)")
+        lines.append("")
+    quant = [r for r in results.get("quant", []) if "ms" in r]
+    if quant:
+        lines.append("| M | K | variant | time | × copy bound |")
+        lines.append("|---|---|---|---|---|")
+        for r in quant:
+            if r["variant"].startswith("sweep"):
+                continue
+            lines.append(f"| {r['M']} | {r['K']} | {r['variant']} | {r['ms'] * 1e3:.1f} µs | {r['x_bound']:.2f} |")
+        for k in dict.fromkeys(r["K"] for r in quant):
+            sweep = [r for r in quant if r["K"] == k and r["variant"].startswith("sweep")]
+            if sweep:
+                best = min(sweep, key=lambda r: r["ms"])
+                lines.append(f"| {best['M']} | {k} | best of {best['variant']} | {best['ms'] * 1e3:.1f} µs | "
+                             f"{best['x_bound']:.2f} |")  # fmt: skip
+        lines.append("")
+    e2e = results.get("e2e")
+    if e2e and "w4a4" in e2e:
+        lines.append(f"| e2e ({e2e['layers']} layers) | bf16 | W4A4 | ratio |")
+        lines.append("|---|---|---|---|")
+        b, q = e2e["bf16"], e2e["w4a4"]
+        lines.append(f"| prefill tok/s | {b['prefill']['tokens_per_s']:.0f} | {q['prefill']['tokens_per_s']:.0f} | "
+                     f"{e2e['prefill_speedup']:.2f} |")  # fmt: skip
+        for db, dq in zip(b["decode"], q["decode"], strict=False):
+            if "tokens_per_s" in db and "tokens_per_s" in dq:
+                lines.append(f"| decode tok/s (batch {db['batch']}) | {db['tokens_per_s']:.0f} | "
+                             f"{dq['tokens_per_s']:.0f} | {dq['tokens_per_s'] / db['tokens_per_s']:.2f} |")  # fmt: skip
+        lines.append(f"| decoder weights GB | {b['weights']['decoder_layers_GB']:.2f} | "
+                     f"{q['weights']['decoder_layers_GB']:.2f} | {e2e['decoder_weight_ratio']:.2f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.compile_report:
+        return compile_report(args)
+    if not torch.cuda.is_available():
+        print("bench_kernels.py measures GPU kernels and needs CUDA; torch.cuda.is_available() is False here, "
+              "so there is nothing to measure. Run it on the GPU machine.", file=sys.stderr)  # fmt: skip
+        return 2
+    import triton
+
+    props = torch.cuda.get_device_properties(0)
+    results: dict = {
+        "meta": {
+            "device": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
+            "triton": triton.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv[1:],
+        }
+    }  # fmt: skip
+    from lsr.kernels import FP8_MIN_M
+
+    results["meta"]["FP8_MIN_M"] = FP8_MIN_M
+    results["meta"]["copy_bandwidth_GBps"] = _copy_bandwidth(args.warmup_ms, args.rep_ms) / 1e9
+    print(f"# {props.name}: copy bandwidth {results['meta']['copy_bandwidth_GBps']:.0f} GB/s", flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        out.write_text(json.dumps(results, indent=1))
+
+    try:
+        if args.e2e:
+            bench_e2e(args, results)
+        else:
+            if not args.no_gemm:
+                bench_gemm(args, results)
+                save()
+            if not args.no_quant:
+                bench_quant(args, results)
+    finally:
+        save()
+    print()
+    print(_markdown(results))
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
