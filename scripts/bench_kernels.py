@@ -7,6 +7,7 @@ Default run (LLaMA-3-8B linear shapes N×K ∈ {4096×4096, 14336×4096, 4096×1
 * ``fp8``            ``torch._scaled_mm`` FP8 e4m3 with row-wise scales, ``use_fast_accum=True`` (the peer to beat;
                      GEMM only, operands already FP8)
 * ``lsr_gemm``       lsr W4A4 product alone on packed int4 operands (decode kernel for M <= 16, else Triton GEMM)
+* ``lsr_decode_fma`` / ``lsr_decode_split1``  (M <= 16) the decode kernel with float32 FMA instead of dp4a / no split-K
 * ``lsr_tc_gemm``    the Triton tensor-core GEMM at every M (for the decode-kernel crossover)
 * ``lsr_fp8_gemm``   lsr's FP8 path alone: widen packed weights to FP8 + ``_scaled_mm`` with exact accumulation
 * ``lsr_H_triton``   ``w4a4_linear(hadamard=True, backend="triton")``: fused Hadamard+quant kernel, then the GEMM
@@ -166,6 +167,15 @@ def _gemm_methods(
         "lsr_H_triton": (lambda i: w4a4_linear(xs[i], *pws[i], hadamard=True, backend="triton"), ns),
         "lsr_H_auto": (lambda i: w4a4_linear(xs[i], *pws[i], hadamard=True, backend="auto"), ns),
     }
+    if m <= 16:  # decode-kernel variants: float32 FMA instead of dp4a, and no split-K
+        methods["lsr_decode_fma"] = (
+            lambda i: w4a4_decode(pas[i][0], pas[i][1], *pws[i], torch.bfloat16, impl="fma"),
+            ns,
+        )
+        methods["lsr_decode_split1"] = (
+            lambda i: w4a4_decode(pas[i][0], pas[i][1], *pws[i], torch.bfloat16, split_k=1),
+            ns,
+        )
     if m > 16:
         methods["lsr_H_fp8"] = (lambda i: w4a4_linear(xs[i], *pws[i], hadamard=True, backend="fp8"), ns)
     return methods

@@ -3,7 +3,7 @@
 All paths compute the exact integer sums ``Σ_k q_a[m,k]·q_w[n,k]`` and rescale in float32 as
 ``(acc · scale_a[m]) · scale_w[n]`` before casting, like :func:`lsr.kernels.reference.w4a4_matmul_reference`.
 
-What the H100 measurements in docs/gpu.md say about these choices (LLaMA-3-8B shapes, ratios over bf16 cuBLAS):
+What the H100 measurements in the shared docs/gpu.md say (LLaMA-3-8B shapes, ratios over bf16 cuBLAS):
 
 * Hopper has no int4 MMA; int8 and FP8 tensor cores both peak at 2× bf16.
 * A plain Triton int8×int8→int32 GEMM (128×256×128 tiles, grouped launch) reached 1.20–1.38×; a persistent TMA
@@ -14,9 +14,11 @@ What the H100 measurements in docs/gpu.md say about these choices (LLaMA-3-8B sh
 * Int4 values are exact in FP8 e4m3, and cuBLAS FP8 with ``use_fast_accum=False`` returned exact integer sums up
   to K = 14336 at 1.44–1.61×; fast accumulation was off by up to 41 at K = 14336, so it is not used.
 
-Hence: decode (M <= 16) → :func:`w4a4_decode` (GEMV-style, split-K, weights read once); prefill → the FP8 path
-(:func:`w4a4_fp8_matmul`, weights widened to FP8 once per call); in between → :func:`w4a4_gemm`. The crossover
-(``backend.FP8_MIN_M``) is a guess until ``scripts/bench_kernels.py`` has run on an H100.
+Hence: decode (M <= 16) → :func:`w4a4_decode` (GEMV-style, split-K, weights read once, 4-way integer dot products
+``dp4a`` on the CUDA cores); prefill → the FP8 path (:func:`w4a4_fp8_matmul`, weights widened to FP8 once per call);
+in between → :func:`w4a4_gemm`. The crossover (``backend.FP8_MIN_M``) is a guess until ``scripts/bench_kernels.py``
+has run on an H100. ``python scripts/bench_kernels.py --compile-report`` shows registers, spills and SASS per
+variant without a GPU.
 """
 
 from __future__ import annotations
