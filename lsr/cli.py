@@ -3,6 +3,8 @@
     lsr fit --config configs/smollm2.yaml        learn the smoothing scales block by block
     lsr validate --config configs/smollm2.yaml   perplexity (--model.variant fp | rotated | fake_quant)
     lsr run --config configs/smollm2.yaml        the main job: fit, then FP vs W4A4 perplexity in one table
+    lsr export SOURCE OUT_DIR                    real INT4 (W4A4) compressed-tensors export (see lsr/export)
+    lsr eval OUT_DIR                             perplexity (and lm-eval tasks) of an exported INT4 model
 """
 
 from __future__ import annotations
@@ -38,6 +40,11 @@ def main(argv: list[str] | None = None) -> None:
         from lsr.pipeline import main_job
 
         main_job(words[1:])
+        return
+    if words and words[0] in ("export", "eval"):
+        from lsr.export.cli import eval_main, export_main
+
+        (export_main if words[0] == "export" else eval_main)(words[1:])
         return
     build_cli(argv)
 

@@ -84,7 +84,7 @@ class BlockwiseEngine(nn.Module):
         self.theta0 = torch.zeros(0)
         with torch.no_grad():
             embed = self.adapter.embeddings(model)
-            self.x_fp = torch.cat([embed(w[None]) for w in windows]).float()
+            self.x_fp = torch.cat([embed(w[None].to(embed.weight.device)) for w in windows]).cpu()
         self.x_q = self.x_fp.clone() if method.inputs == "quantized" else None
         positions = torch.arange(windows.shape[1])[None]
         cos, sin = self.adapter.rotary_embedding(model)(self.x_fp[:1], positions)

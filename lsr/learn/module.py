@@ -23,6 +23,7 @@ from lsr.learn.refined import apply_refined, load_refined, method_to_dict, save_
 from lsr.learn.report import full_layer_mean_error, write_report
 from lsr.metrics import Perplexity
 from lsr.models import load_model
+from lsr.transforms.linear import set_quantizers
 from lsr.transforms.rotate import rotate_model
 
 Variant = Literal["fp", "rotated", "fake_quant"]
@@ -39,6 +40,7 @@ class LsrModule(L.LightningModule):
         variant: what `validate`/`test` evaluate: ``fp``, ``rotated`` (exact, same perplexity) or ``fake_quant``
             (W4A4 with the refined checkpoint in ``output_dir``).
         resume: continue a killed run from ``output_dir`` when its config matches.
+        dtype: weights and activations (float32 on CPU; bfloat16 on a GPU for large models).
     """
 
     def __init__(
@@ -49,6 +51,7 @@ class LsrModule(L.LightningModule):
         batch_size: int = 4,
         variant: Variant = "fp",
         resume: bool = True,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
     ) -> None:
         super().__init__()
         self.model_name = model
@@ -57,17 +60,19 @@ class LsrModule(L.LightningModule):
         self.batch_size = batch_size
         self.variant = variant
         self.resume = resume
+        self.dtype_name = dtype
         self.engine: BlockwiseEngine | None = None
         self.lm = None
         self.ppl = Perplexity()
         self.save_hyperparameters({"model": model, "method": method_to_dict(self.method),
-                                   "output_dir": output_dir, "batch_size": batch_size, "variant": variant})
+                                   "output_dir": output_dir, "batch_size": batch_size, "variant": variant,
+                                   "dtype": dtype})
 
     # ----------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
         if self.lm is not None:
             return
-        self.lm, _ = load_model(self.model_name)
+        self.lm, _ = load_model(self.model_name, dtype=getattr(torch, self.dtype_name), with_tokenizer=False)
         if stage == "fit":
             self._setup_fit()
         elif self.variant == "rotated":
@@ -198,8 +203,13 @@ class LsrModule(L.LightningModule):
         save_refined(self.output_dir, log_scales, state)
 
     def on_fit_end(self) -> None:
-        if self.engine is not None and self.engine.results:
-            write_report(self.engine.results, self.output_dir, self.method.name)
+        """Report, and leave the in-memory model as the refined fake-quant W4A4 model (for a following validate)."""
+        if self.engine is None or not self.engine.results:
+            return
+        write_report(self.engine.results, self.output_dir, self.method.name)
+        for layer in self.engine.adapter.layers(self.lm):
+            set_quantizers(layer, self.method.act, self.method.weight)
+        self.variant = "fake_quant"
 
     # ----------------------------------------------------------------- validate / test
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

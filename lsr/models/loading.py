@@ -108,9 +108,13 @@ def load_tokenizer(name_or_path: str):
 
 
 def load_model(
-    name_or_path: str = "smollm2", *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    name_or_path: str = "smollm2",
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    with_tokenizer: bool = True,
 ) -> tuple[nn.Module, object]:
-    """Load an HF causal LM and its tokenizer, checked against lsr's architecture adapter.
+    """Load an HF causal LM and its tokenizer (None if ``with_tokenizer`` is False), checked by the adapter.
 
     `name_or_path`: a hub id (e.g. ``meta-llama/Meta-Llama-3-8B``), a local HF directory, or ``smollm2``.
     """
@@ -122,4 +126,4 @@ def load_model(
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     adapter_for(model)
     model.to(device).eval()
-    return model, load_tokenizer(name_or_path)
+    return model, load_tokenizer(name_or_path) if with_tokenizer else None

@@ -43,9 +43,23 @@ class QLinear(nn.Linear):
             x = fake_quantize(x, self.act_quant)
         return x
 
+    def quantized_weight(self) -> torch.Tensor:
+        """``Q_w(W)``; for the module's own frozen parameter, cached until the weight or the spec changes."""
+        if self.weight_quant is None:
+            return self.weight
+        weight = self.weight
+        if not isinstance(weight, nn.Parameter) or (torch.is_grad_enabled() and weight.requires_grad):
+            return fake_quantize(weight, self.weight_quant)  # e.g. functional_call's substituted tensors
+        key = (weight, weight._version, self.weight_quant)
+        cached = self.__dict__.get("_weight_cache")
+        if cached is None or cached[0][0] is not weight or cached[0][1:] != key[1:]:
+            with torch.no_grad():
+                cached = (key, fake_quantize(self.weight, self.weight_quant))
+            self.__dict__["_weight_cache"] = cached
+        return cached[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight if self.weight_quant is None else fake_quantize(self.weight, self.weight_quant)
-        return F.linear(self.prepare_input(x), weight, self.bias)
+        return F.linear(self.prepare_input(x), self.quantized_weight(), self.bias)
 
     def extra_repr(self) -> str:
         return (

@@ -1,0 +1,189 @@
+"""`load_quantized`: an lsr INT4 directory back to a runnable model with integer linears.
+
+The HF skeleton is built from config.json (without its quantization_config) on the meta device; decoder linears
+become `QuantizedLinear`; every stored tensor is checked against what the config implies (presence, dtype kind,
+shape), and unreadable or modified files are refused with an error naming them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from compressed_tensors.quantization import QuantizationConfig
+from compressed_tensors.transform import TransformConfig
+from safetensors import safe_open
+from torch import nn
+
+from lsr.export import format as fmt
+from lsr.export.quantized_linear import Int8Embedding, Int8WeightLinear, QuantizedLinear
+from lsr.export.writer import sha256_file
+from lsr.hadamard import decompose
+from lsr.kernels import BACKENDS
+from lsr.models.adapter import adapter_for
+
+CT_EXTRA_KEYS = ("version", "sparsity_config", "transform_config")
+
+
+def read_config(path: Path) -> tuple[dict, QuantizationConfig, dict]:
+    """(model config dict, compressed-tensors QuantizationConfig, lsr section) of an export; clear errors."""
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{path} has no config.json: not an exported model directory")
+    try:
+        data = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{config_path}: cannot parse ({err})") from err
+    qc = data.pop("quantization_config", None)
+    section = data.pop("lsr", None)
+    if not isinstance(qc, dict) or qc.get("quant_method") != "compressed-tensors":
+        raise ValueError(f"{config_path}: no compressed-tensors quantization_config (not an lsr INT4 export)")
+    if not isinstance(section, dict) or section.get("format_version") != fmt.FORMAT_VERSION:
+        found = section.get("format_version") if isinstance(section, dict) else None
+        raise ValueError(f"{config_path}: lsr section format_version {found!r}, this lsr reads {fmt.FORMAT_VERSION}")
+    try:
+        qconfig = QuantizationConfig.model_validate({k: v for k, v in qc.items() if k not in CT_EXTRA_KEYS})
+        if qc.get("transform_config"):
+            TransformConfig.model_validate(qc["transform_config"])
+    except Exception as err:  # noqa: BLE001 - pydantic's message, with the file
+        raise ValueError(f"{config_path}: quantization_config is not compressed-tensors' schema: {err}") from err
+    return data, qconfig, section
+
+
+def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+        raise ValueError(f"{file}: not a readable safetensors file, truncated or corrupt ({err})") from err
+
+
+def read_tensors(path: Path, section: dict, *, verify_checksums: bool = True) -> dict[str, torch.Tensor]:
+    """All stored tensors, after checking each file's size (and SHA-256) against config.json."""
+    files = section.get("files") or {fmt.WEIGHTS_FILE: {}}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, meta in files.items():
+        file = path / name
+        if not file.is_file():
+            raise ValueError(f"{file} is missing")
+        size = file.stat().st_size
+        if "bytes" in meta and size != meta["bytes"]:
+            raise ValueError(f"{file} is {size} bytes but config.json records {meta['bytes']}: truncated or replaced")
+        if verify_checksums and "sha256" in meta and sha256_file(file) != meta["sha256"]:
+            raise ValueError(f"{file}: SHA-256 differs from config.json: the file is corrupt or was modified")
+        for key, tensor in _read_safetensors(file).items():
+            if key in tensors:
+                raise ValueError(f"tensor {key} is stored twice ({file})")
+            tensors[key] = tensor
+    return tensors
+
+
+def build_skeleton(data: dict, dtype: torch.dtype) -> nn.Module:
+    """The HF model of the config on the meta device (no weights allocated)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    data = dict(data)
+    model_type = data.pop("model_type", None)
+    if model_type is None:
+        raise ValueError("config.json has no model_type")
+    data.pop("dtype", None)
+    data.pop("torch_dtype", None)
+    config = AutoConfig.for_model(model_type, **data)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+    adapter_for(model)
+    return model
+
+
+def check_tensors(expected: dict[str, fmt.TensorSpec], tensors: dict[str, torch.Tensor]) -> None:
+    """Presence, dtype kind and shape of every tensor; a ValueError naming the first offender."""
+    for name, spec in expected.items():
+        if name not in tensors:
+            raise ValueError(f"tensor {name} is missing from the checkpoint (config.json implies {spec.describe()})")
+        tensor = tensors[name]
+        if not spec.accepts(tensor.dtype) or tuple(tensor.shape) != spec.shape:
+            raise ValueError(
+                f"tensor {name} is {str(tensor.dtype).removeprefix('torch.')} {list(tensor.shape)} but config.json "
+                f"implies {spec.describe()}: the config does not match the tensors"
+            )
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise ValueError(f"unexpected tensor {extra[0]} ({len(extra)} in all): config.json describes no such parameter")
+
+
+def _online(section: dict, module_name: str, in_features: int) -> bool:
+    for transform in fmt.online_hadamard_targets(section):
+        if not fmt.matches_any(module_name, transform["targets"]):
+            continue
+        if transform.get("location") != "input":
+            raise ValueError(f"{module_name}: online transform at {transform.get('location')!r} is not supported")
+        size, m, k = transform["size"], transform["m"], transform["k"]
+        if size != in_features or m * 2**k != size:
+            raise ValueError(f"{module_name}: online Hadamard of size {size} (m={m}, k={k}) for {in_features} inputs")
+        if decompose(size) != (m, k):
+            raise ValueError(f"{module_name}: this lsr builds H_{size} as {decompose(size)}, the export had ({m}, {k})")
+        return True
+    return False
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def load_quantized(
+    path: str | Path, *, backend: str = "auto", device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32, verify_checksums: bool = True,
+) -> nn.Module:
+    """Load an `lsr export` directory as a causal LM whose decoder linears run W4A4 with integer products.
+
+    `backend` (``auto`` | ``reference`` | ``triton`` | ``fp8``) goes to every `QuantizedLinear` (switch later with
+    `lsr.export.quantized_linear.set_backend`); `dtype` is the compute dtype of the non-quantized parts
+    (embeddings, norms, attention). Raises ValueError with the offending file or tensor when the directory is
+    truncated, corrupt, or inconsistent with its config.json.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+    path = Path(path).expanduser()
+    data, qconfig, section = read_config(path)
+    tensors = read_tensors(path, section, verify_checksums=verify_checksums)
+    model = build_skeleton(data, dtype)
+    roles = fmt.module_roles(model, qconfig)
+    adapter = adapter_for(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    decoder = {names[id(lin)] for layer in adapter.layers(model) for lin in adapter.block(layer).linears().values()}
+    w4a4 = {n for n, r in roles.items() if r == "w4a4"}
+    if w4a4 != decoder:
+        odd = sorted(w4a4 ^ decoder)
+        raise ValueError(f"the W4A4 config group must cover exactly the decoder linears; differs at {odd[:3]}")
+    check_tensors(fmt.expected_tensors(model, roles), tensors)
+    for name, role in roles.items():
+        module = model.get_submodule(name)
+        shape = tuple(int(v) for v in tensors.pop(f"{name}.weight_shape").tolist())
+        if shape != tuple(module.weight.shape):
+            raise ValueError(f"tensor {name}.weight_shape is {list(shape)}, config.json implies "
+                             f"{list(module.weight.shape)}")
+        q = fmt.unpack(tensors.pop(f"{name}.weight_packed"), 4 if role == "w4a4" else 8, shape)
+        scale = tensors.pop(f"{name}.weight_scale").float().reshape(-1)
+        bias = tensors.pop(f"{name}.bias", None)
+        if role == "w4a4":
+            new = QuantizedLinear.from_int(q, scale, bias, online_hadamard=_online(section, name, shape[1]),
+                                           backend=backend)
+        elif isinstance(module, nn.Embedding):
+            new = Int8Embedding(q, scale, dtype)
+        else:
+            new = Int8WeightLinear(q, scale, bias)
+        _replace(model, name, new)
+    result = model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise ValueError(f"unexpected tensor {result.unexpected_keys[0]}")
+    rotary = adapter.rotary_embedding(model)
+    with torch.device(device):
+        _replace(model, names[id(rotary)], type(rotary)(config=model.config))
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ValueError(f"tensor {left[0]} was not loaded ({len(left)} in all)")
+    model.to(device).eval().requires_grad_(False)
+    model.lsr_export = section
+    return model

@@ -1,0 +1,217 @@
+"""Write a prepared model as an HF-shaped compressed-tensors directory, atomically.
+
+The directory is written to a temporary sibling and renamed into place; an existing target is refused unless
+``overwrite`` (then it is replaced only once the new one is complete).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import compressed_tensors
+import torch
+from compressed_tensors.quantization import QuantizationConfig
+from safetensors.torch import save_file
+
+from lsr.export import format as fmt
+from lsr.export.config import ExportConfig
+from lsr.export.prepare import PreparedModel, decoder_linears
+from lsr.hadamard import decompose
+from lsr.learn.refined import method_to_dict
+from lsr.models.adapter import adapter_for
+from lsr.quant.rtn import QuantSpec, quantize
+from lsr.transforms.linear import QLinear
+
+W8_SPEC = QuantSpec(bits=8, symmetric=True, granularity="channel")
+
+
+@dataclass
+class ExportResult:
+    """Where the export went and what it holds."""
+
+    path: Path
+    config: dict
+
+    @property
+    def lsr(self) -> dict:
+        return self.config["lsr"]
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row (per output channel / per token id): codes ``[R, C]`` and scales ``[R, 1]``."""
+    q, scale, _ = quantize(weight.detach().float(), W8_SPEC)
+    return q.to(torch.int8), scale.reshape(-1, 1).float()
+
+
+def _packed(prefix: str, q: torch.Tensor, scale: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
+    packed = fmt.pack(q, bits)
+    if not torch.equal(fmt.unpack(packed, bits, tuple(q.shape)), q.to(torch.int8)):  # cheap self-check
+        raise RuntimeError(f"{prefix}: compressed-tensors packing did not round-trip")
+    return {
+        f"{prefix}.weight_packed": packed,
+        f"{prefix}.weight_scale": scale.reshape(-1, 1).float().contiguous(),
+        f"{prefix}.weight_shape": torch.tensor(list(q.shape), dtype=torch.int64),
+    }
+
+
+def export_tensors(prepared: PreparedModel, config: ExportConfig) -> dict[str, torch.Tensor]:
+    """Every tensor of the export: packed int4 decoder linears, 16-bit (or int8) embedding/lm_head, float32 rest."""
+    model = prepared.model
+    adapter = adapter_for(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    embed_name = names[id(adapter.embeddings(model))]
+    head_name = names[id(adapter.lm_head(model))]
+    linears = decoder_linears(model)
+    missing = sorted(set(linears) - set(prepared.weights))
+    if missing:
+        raise ValueError(f"no quantized weight for {missing[:3]}...: call quantize_weights first")
+    storage = getattr(torch, config.storage_dtype)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, linear in linears.items():
+        qw = prepared.weights[name]
+        if qw.scale.shape[1] != 1:
+            raise ValueError(f"{name}: {qw.scale.shape[1]} weight groups; the export needs one scale per channel")
+        tensors.update(_packed(name, qw.q, qw.scale, 4))
+        if linear.bias is not None:
+            tensors[f"{name}.bias"] = linear.bias.detach().float()
+    for key, tensor in model.state_dict().items():
+        module_name, _, param = key.rpartition(".")
+        if module_name in linears:
+            continue
+        tensor = tensor.detach()
+        if module_name in (embed_name, head_name) and param == "weight":
+            if config.embeddings_8bit:
+                tensors.update(_packed(module_name, *_int8_rows(tensor), 8))
+            else:
+                tensors[key] = tensor.to(storage)
+        else:
+            tensors[key] = tensor.float()
+    return {k: v.contiguous().cpu() for k, v in tensors.items()}
+
+
+def quantization_config(prepared: PreparedModel, config: ExportConfig) -> dict:
+    """``quantization_config`` for config.json, built with compressed-tensors' own pydantic schema."""
+    model = prepared.model
+    adapter = adapter_for(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    embed_name = names[id(adapter.embeddings(model))]
+    head_name = names[id(adapter.lm_head(model))]
+    groups = {fmt.W4A4_GROUP: fmt.w4a4_scheme()}
+    ignore = [head_name]
+    if config.embeddings_8bit:
+        groups[fmt.W8_GROUP] = fmt.w8_scheme([f"re:^{re.escape(embed_name)}$", f"re:^{re.escape(head_name)}$"])
+        ignore = []
+    qconfig = QuantizationConfig(
+        config_groups=groups, format=fmt.PACK_FORMAT, quantization_status="compressed", ignore=ignore
+    )
+    down = adapter.block(adapter.layers(model)[0]).down_proj
+    return {
+        "version": compressed_tensors.__version__,
+        "sparsity_config": {},
+        "transform_config": fmt.r4_transform_config(down.in_features).model_dump(mode="json"),
+        **qconfig.model_dump(mode="json"),
+    }
+
+
+def lsr_section(prepared: PreparedModel, config: ExportConfig) -> dict:
+    """lsr's own metadata: what the compressed-tensors schema cannot say (or cannot say exactly)."""
+    model = prepared.model
+    adapter = adapter_for(model)
+    online = sorted({(n, m.in_features) for n, m in model.named_modules()
+                     if isinstance(m, QLinear) and m.online_hadamard}, key=lambda t: t[0])
+    sizes = sorted({size for _, size in online})
+    if any(not fmt.matches_any(name, fmt.R4_TARGETS) for name, _ in online):
+        raise ValueError("online Hadamards outside down_proj are not supported by the export")
+    transforms = []
+    for size in sizes:
+        m, k = decompose(size)
+        transforms.append({"name": "R4", "targets": list(fmt.R4_TARGETS), "location": "input", "size": size,
+                           "m": m, "k": k, "construction": fmt.HADAMARD_CONSTRUCTION})
+    quantizer = {"name": config.weight_quantizer}
+    if config.weight_quantizer == "gptq":
+        quantizer.update(asdict(config.gptq))
+        quantizer["calibration"] = asdict(config.data)
+    names = {id(mod): n for n, mod in model.named_modules()}
+    embed_mode = "int8 per row" if config.embeddings_8bit else config.storage_dtype
+    head_mode = "int8 per output channel" if config.embeddings_8bit else config.storage_dtype
+    return {
+        "format_version": fmt.FORMAT_VERSION,
+        "source": prepared.source,
+        "method": method_to_dict(prepared.method),
+        "weight_quantizer": quantizer,
+        "weights": {"bits": 4, "symmetric": True, "granularity": "channel", "range": [-8, 7],
+                    "scale_dtype": "float32", "targets": list(fmt.W4A4_TARGETS)},
+        "activation_quantization": {"targets": list(fmt.W4A4_TARGETS), **fmt.ACT_QUANT},
+        "online_transforms": transforms,
+        "unquantized": {names[id(adapter.embeddings(model))]: embed_mode, names[id(adapter.lm_head(model))]: head_mode,
+                        "norms and biases": "float32"},
+    }
+
+
+def _model_config(prepared: PreparedModel, config: ExportConfig) -> dict:
+    model = prepared.model
+    data = model.config.to_dict()
+    data.pop("lsr_rotation", None)
+    data.pop("quantization_config", None)
+    data["architectures"] = [type(model).__name__]
+    data["tie_word_embeddings"] = False
+    data["dtype"] = config.storage_dtype
+    data.pop("torch_dtype", None)
+    data["use_cache"] = True
+    return data
+
+
+def write_export(prepared: PreparedModel, out_dir: str | Path, config: ExportConfig) -> ExportResult:
+    """Write `prepared` (with its quantized weights) to `out_dir` atomically."""
+    target = Path(out_dir).expanduser()
+    if target.exists() and not config.overwrite:
+        raise FileExistsError(f"{target} exists; pass overwrite=True (--overwrite) to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tensors = export_tensors(prepared, config)
+    data = _model_config(prepared, config)
+    data["quantization_config"] = quantization_config(prepared, config)
+    section = lsr_section(prepared, config)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    old = None
+    try:
+        weights_path = tmp / fmt.WEIGHTS_FILE
+        save_file(tensors, weights_path, metadata={"format": "pt"})
+        section["files"] = {fmt.WEIGHTS_FILE: {"bytes": weights_path.stat().st_size,
+                                               "sha256": sha256_file(weights_path)}}
+        data["lsr"] = section
+        (tmp / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        if prepared.tokenizer is not None:
+            prepared.tokenizer.save_pretrained(tmp)
+        generation = getattr(prepared.model, "generation_config", None)
+        if generation is not None:
+            generation.save_pretrained(tmp)
+        if target.exists():
+            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+            os.replace(target, old / target.name)
+            try:
+                os.replace(tmp, target)
+            except OSError:
+                os.replace(old / target.name, target)
+                raise
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return ExportResult(target, data)

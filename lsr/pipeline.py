@@ -1,0 +1,58 @@
+"""`lsr run`: the main job on one config: calibrate + learn (fit), then FP vs W4A4 perplexity in one table.
+
+When the INT4 exporter is available the refined model is also exported and its perplexity measured.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from lightning import Trainer
+
+from lsr.learn.module import LsrModule
+
+
+def _validate(trainer: Trainer, module: LsrModule, datamodule) -> float:
+    return float(trainer.validate(module, datamodule, verbose=False)[0]["val/ppl"])
+
+
+def main_job(argv: list[str]) -> dict:
+    from lsr.cli import build_cli
+
+    cli = build_cli(argv, run=False)
+    module, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
+    rows: list[tuple[str, float, float]] = []
+
+    start = time.perf_counter()
+    fp = LsrModule(model=module.model_name, method=module.method, variant="fp")
+    fp_ppl = _validate(trainer, fp, datamodule)
+    rows.append(("FP32 (dequantized GGUF)" if module.model_name == "smollm2" else "FP", fp_ppl,
+                 time.perf_counter() - start))
+    del fp
+
+    start = time.perf_counter()
+    trainer.fit(module, datamodule)
+    fit_time = time.perf_counter() - start
+    start = time.perf_counter()
+    rows.append((f"W4A4 fake-quant ({module.method.name})", _validate(trainer, module, datamodule),
+                 fit_time + time.perf_counter() - start))
+
+    lines = [
+        f"model: {module.model_name}   method: {module.method.name}   data: {datamodule.source} "
+        f"(calibration {datamodule.num_calibration}×{datamodule.seq_len}, eval windows "
+        f"{datamodule.max_eval_windows or 'all'}×{datamodule.seq_len})",
+        "",
+        "| model | perplexity | gap to FP | wall time (s) |",
+        "|---|---|---|---|",
+    ]
+    for name, ppl, seconds in rows:
+        lines.append(f"| {name} | {ppl:.3f} | {100 * (ppl / fp_ppl - 1):+.1f} % | {seconds:.0f} |")
+    table = "\n".join(lines)
+    print("\n" + table)
+    out = Path(module.output_dir)
+    (out / "result.md").write_text(table + "\n")
+    result = {"rows": [{"model": n, "ppl": p, "seconds": s} for n, p, s in rows]}
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    return result

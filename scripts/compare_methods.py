@@ -1,0 +1,91 @@
+"""Compare FP, quarot, smoothrot, quantile and lsr on one model and data, in one run, on one code path.
+
+    python scripts/compare_methods.py --config configs/smollm2.yaml [--methods quarot lsr] [--out benchmarks/...]
+
+Every method is a `MethodConfig` preset run through the same `LsrModule` (Lightning fit, then validate); the
+data, quantizers and seeds come from the config. Prints one table (W4A4 perplexity, gap to FP, full-layer mean
+error, wall time) and writes JSON, markdown and a PNG of per-layer error by method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from lightning import Trainer
+
+from lsr.cli import build_cli
+from lsr.learn.method import PRESETS, preset
+from lsr.learn.module import LsrModule
+from lsr.learn.report import full_layer_mean_error, plot_per_layer_error
+
+
+def _trainer(log_dir: Path, name: str) -> Trainer:
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    return Trainer(
+        accelerator="cpu", devices=1, max_epochs=-1, enable_checkpointing=False, num_sanity_val_steps=0,
+        check_val_every_n_epoch=1_000_000, log_every_n_steps=1, enable_progress_bar=False,
+        enable_model_summary=False, logger=TensorBoardLogger(log_dir, name=name),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/smollm2.yaml")
+    parser.add_argument("--methods", nargs="+", default=["fp", *PRESETS])
+    parser.add_argument("--out", default="benchmarks/compare_smollm2")
+    parser.add_argument("--runs", default="runs/compare")
+    args, rest = parser.parse_known_args()
+
+    cli = build_cli(["--config", args.config, *rest], run=False)
+    base, datamodule = cli.model, cli.datamodule
+    settings = {k: getattr(datamodule, k) for k in ("source", "seq_len", "num_calibration", "max_eval_windows")}
+    rows, per_layer = [], {}
+    fp_ppl = None
+    for name in args.methods:
+        start = time.perf_counter()
+        trainer = _trainer(Path("lightning_logs") / "compare", name)
+        if name == "fp":
+            module = LsrModule(model=base.model_name, variant="fp")
+            ppl = float(trainer.validate(module, datamodule, verbose=False)[0]["val/ppl"])
+            fp_ppl = ppl
+            rows.append({"method": "FP", "ppl": ppl, "error": 0.0, "seconds": time.perf_counter() - start})
+        else:
+            method = preset(name, weight=base.method.weight, act=base.method.act, seed=base.method.seed,
+                            **({"epochs": base.method.epochs, "lr": base.method.lr} if PRESETS[name].learn else {}))
+            module = LsrModule(model=base.model_name, method=method, output_dir=f"{args.runs}/{name}",
+                               batch_size=base.batch_size, resume=False)
+            trainer.fit(module, datamodule)
+            ppl = float(trainer.validate(module, datamodule, verbose=False)[0]["val/ppl"])
+            per_layer[name] = module.engine.results
+            rows.append({"method": name, "ppl": ppl, "error": full_layer_mean_error(module.engine.results),
+                         "seconds": time.perf_counter() - start})
+        print(f"{name}: ppl {ppl:.3f}", flush=True)
+
+    fp_ppl = fp_ppl or float("nan")
+    lines = [
+        f"model: {base.model_name}; W4A4 RTN (weights {base.method.weight.bits}-bit per channel, activations "
+        f"{base.method.act.bits}-bit per token, every linear input); data: {settings}",
+        "",
+        "| method | W4A4 perplexity | gap to FP | full-layer mean error | wall time (s) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        gap = f"{100 * (r['ppl'] / fp_ppl - 1):+.1f} %" if r["method"] != "FP" else "—"
+        err = f"{r['error']:.4f}" if r["method"] != "FP" else "—"
+        lines.append(f"| {r['method']} | {r['ppl']:.2f} | {gap} | {err} | {r['seconds']:.0f} |")
+    table = "\n".join(lines)
+    print("\n" + table)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(table + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
+    if per_layer:
+        plot_per_layer_error(per_layer, out.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()
