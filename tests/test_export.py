@@ -11,7 +11,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lsr.export import ExportConfig, export_model, fake_quant_twin, load_quantized, prepare_export, write_export
+from lsr.export import (
+    ExportConfig,
+    GPTQOptions,
+    export_model,
+    fake_quant_twin,
+    load_quantized,
+    prepare_export,
+    write_export,
+)
 from lsr.export import format as fmt
 from lsr.export.evaluate import LmEvalUnavailable, LoglikelihoodScorer, make_lm_eval_model, perplexity
 from lsr.export.quantized_linear import QuantizedLinear
@@ -101,6 +109,16 @@ def test_quantized_linear_equals_fake_quant_twin(in_features, online):
         torch.testing.assert_close(real.dequantized_weight(), q_w * s_w)
 
 
+@pytest.mark.xfail(strict=False, reason=(
+    "lsr.quant.rtn takes scale = absmax * (1/7), lsr.kernels absmax / 7: they differ by one ulp for about half the "
+    "tokens, which flips exact .5 ties (frequent on 16-bit-valued inputs); fixed by `absmax * clip_ratio / qmax`"))
+def test_fake_quant_activation_codes_equal_kernel_codes_on_16bit_values():
+    x = torch.randn(512, 576, generator=torch.Generator().manual_seed(0)).half().float()
+    q_kernel, _ = quantize_per_token_int4(x)
+    q_fake, _, _ = quantize(x, A4)
+    assert torch.equal(q_kernel, q_fake.to(torch.int8))
+
+
 # ----------------------------------------------------------------------------------------------- whole model
 @torch.no_grad()
 def test_export_load_logits_match_fake_quant(exported):
@@ -140,6 +158,17 @@ def test_gptq_differs_from_rtn_and_sees_quantized_inputs(tmp_path, monkeypatch):
     for x in seen:  # every Hessian input is per-token int4 fake-quantized: x / (max|x| / 7) is an integer
         codes = x / (x.abs().amax(-1, keepdim=True) / 7)
         torch.testing.assert_close(codes, codes.round(), atol=1e-4, rtol=0)
+
+
+def test_gptq_groups_are_fake_quant_only():
+    groups = {"weight_quantizer": "gptq", "gptq": GPTQOptions(group_size=16, act_order=True)}
+    with pytest.raises(ValueError, match="one scale per output channel"):
+        prepare_export(tiny_model("llama"), calibration=CALIB, **groups)
+    prepared = prepare_export(tiny_model("llama"), calibration=CALIB, for_export=False, **groups)
+    weight = prepared.weights["model.layers.0.mlp.down_proj"]
+    assert weight.scale.shape == (48, 80 // 16)
+    with torch.no_grad():
+        assert torch.isfinite(fake_quant_twin(prepared)(IDS).logits).all()
 
 
 # ----------------------------------------------------------------------------------------------- format
@@ -295,6 +324,21 @@ def test_export_never_overwrites_unless_asked(tmp_path):
     assert not (target / "keep.txt").exists() and (target / "config.json").is_file()
     assert sorted(os.listdir(tmp_path)) == ["out"]  # no temporary or backup directory left behind
     load_quantized(target)
+
+
+def test_cli_parsers():
+    from lsr.cli import main
+    from lsr.export.cli import _eval_parser, _export_parser
+
+    args = _export_parser().parse_args(["src", "out", "--weight_quantizer", "gptq", "--gptq.act_order",
+                                        "--gptq.damp", "0.05", "--embeddings_8bit", "--data.num_calibration", "4"])
+    assert (args.weight_quantizer, args.act_order, args.damp, args.embeddings_8bit, args.num_calibration) == (
+        "gptq", True, 0.05, True, 4)
+    args = _eval_parser().parse_args(["dir", "--data.seq_len", "128", "--max_eval_windows", "3", "--tasks", "a,b"])
+    assert (args.seq_len, args.max_eval_windows, args.tasks) == (128, 3, "a,b")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--help"])
+    assert exit_info.value.code == 0
 
 
 # ----------------------------------------------------------------------------------------------- evaluation

@@ -176,6 +176,16 @@ def _model_config(prepared: PreparedModel, config: ExportConfig) -> dict:
     return data
 
 
+def _default_permissions(directory: Path) -> None:
+    """mkdtemp makes a 0700 directory: give it (and its files) the permissions of a plain mkdir / open."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for file in directory.iterdir():
+        if file.is_file():
+            file.chmod(0o666 & ~umask)
+
+
 def write_export(prepared: PreparedModel, out_dir: str | Path, config: ExportConfig) -> ExportResult:
     """Write `prepared` (with its quantized weights) to `out_dir` atomically."""
     target = Path(out_dir).expanduser()
@@ -200,6 +210,7 @@ def write_export(prepared: PreparedModel, out_dir: str | Path, config: ExportCon
         generation = getattr(prepared.model, "generation_config", None)
         if generation is not None:
             generation.save_pretrained(tmp)
+        _default_permissions(tmp)
         if target.exists():
             old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
             os.replace(target, old / target.name)
