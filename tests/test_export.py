@@ -326,7 +326,7 @@ def test_export_never_overwrites_unless_asked(tmp_path):
     load_quantized(target)
 
 
-def test_cli_parsers():
+def test_cli_parsers(tmp_path):
     from lsr.cli import main
     from lsr.export.cli import _eval_parser, _export_parser
 
@@ -339,6 +339,10 @@ def test_cli_parsers():
     with pytest.raises(SystemExit) as exit_info:
         main(["export", "--help"])
     assert exit_info.value.code == 0
+    with pytest.raises(SystemExit, match="lsr export: .* exists; pass overwrite"):
+        main(["export", "smollm2", str(tmp_path)])  # refused before anything is loaded
+    with pytest.raises(SystemExit, match="lsr eval: .*no config.json"):
+        main(["eval", str(tmp_path)])
 
 
 # ----------------------------------------------------------------------------------------------- evaluation

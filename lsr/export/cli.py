@@ -49,7 +49,10 @@ def export_main(argv: list[str]) -> None:
         overwrite=args.overwrite,
     )
     start = time.perf_counter()
-    result = export_model(args.source, args.out_dir, config)
+    try:
+        result = export_model(args.source, args.out_dir, config)
+    except (FileExistsError, FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"lsr export: {err}") from err
     sizes = size_report(result.path)
     print(f"exported {args.source} -> {result.path} in {time.perf_counter() - start:.1f}s "
           f"(method {result.lsr['method']['name']}, weights {args.weight_quantizer})")
@@ -81,7 +84,10 @@ def eval_main(argv: list[str]) -> None:
     from lsr.models import load_tokenizer
 
     args = _eval_parser().parse_args(argv)
-    model = load_quantized(args.path, backend=args.backend, device=args.device)
+    try:
+        model = load_quantized(args.path, backend=args.backend, device=args.device)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"lsr eval: {err}") from err
     tokenizer = load_tokenizer(args.path)
     results: dict = {"path": args.path, "backend": args.backend}
     if not args.no_perplexity:
