@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -115,10 +115,19 @@ class BlockwiseEngine(nn.Module):
     def inputs(self) -> torch.Tensor:
         return self.x_q if self.x_q is not None else self.x_fp
 
-    def _run(self, params: dict[str, torch.Tensor] | None, x: torch.Tensor, quantized: bool) -> torch.Tensor:
+    def _run(
+        self, params: dict[str, torch.Tensor] | None, x: torch.Tensor, quantized: bool, weights_ready: bool = False
+    ) -> torch.Tensor:
+        """Block forward; ``quantized`` switches on Q_a and Q_w (Q_w skipped when ``weights_ready``)."""
         layer = self.layer(self.block)
         m = self.method
-        set_quantizers(layer, m.act if quantized else None, m.weight if quantized else None)
+        weight = None if weights_ready else m.weight
+        if weight is not None and torch.is_grad_enabled() and weight.clip_search:
+            # Training steps: the clip-ratio search (16 candidate quantizations of every weight per step) would
+            # cost several times the block itself, so gradients use a fixed clip of 1; scoring, the choice of the
+            # best scales and everything after learning use the searched clip.
+            weight = replace(weight, clip_search=False)
+        set_quantizers(layer, m.act if quantized else None, weight if quantized else None)
         try:
             kwargs = {"position_embeddings": self.position_embeddings, "attention_mask": None}
             if params is None:
@@ -170,6 +179,8 @@ class BlockwiseEngine(nn.Module):
             candidates = {"max": act_max}
             if self.method.statistic == "quantile":
                 candidates = {"quantile": act_quantile, **(candidates if self.method.guard else {})}
+            if self.method.guard:
+                candidates["identity"] = None  # never start worse than the rotations alone
             scored = {}
             for name, stat in candidates.items():
                 self._set_theta(index, stat)
@@ -184,8 +195,12 @@ class BlockwiseEngine(nn.Module):
         for p in self.log_scales[index].values():
             p.requires_grad_(self.method.learn)
 
-    def _set_theta(self, index: int, act_stat: dict[str, torch.Tensor]) -> None:
+    def _set_theta(self, index: int, act_stat: dict[str, torch.Tensor] | None) -> None:
+        """Log-scales from activation statistics (SmoothQuant formula), or all zero (s = 1) for None."""
         for point, theta in self.log_scales[index].items():
+            if act_stat is None:
+                theta.zero_()
+                continue
             w = weight_statistic(point, self.base, self.geometry).cpu()
             theta.copy_(smoothing_scales(act_stat[point], w, self.method.alpha).log())
 
@@ -222,16 +237,31 @@ class BlockwiseEngine(nn.Module):
             act_quantile[point] = a.kthvalue(k, dim=0).values
         return act_max, act_quantile
 
-    def batch_loss(self, sample_index: torch.Tensor) -> torch.Tensor:
-        """MSE of the fake-quantized block against its FP targets on some calibration samples."""
+    def batch_loss(self, sample_index: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """MSE of the fake-quantized block against its FP targets on some calibration samples.
+
+        ``params``: pre-quantized parameters (from `quantized_params`) to reuse across batches.
+        """
         x = self.inputs()[sample_index].to(self.device)
         y = self.targets[sample_index].to(self.device)
-        return F.mse_loss(self._run(self.params(self.block), x, True), y)
+        if params is None:
+            return F.mse_loss(self._run(self.params(self.block), x, True), y)
+        return F.mse_loss(self._run(params, x, True, weights_ready=True), y)
+
+    @torch.no_grad()
+    def quantized_params(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`params` with every linear weight replaced by ``Q_w(W)`` (computed once, reused for many batches)."""
+        out = dict(params)
+        for name, module in self.layer(self.block).named_modules():
+            if isinstance(module, QLinear):
+                out[f"{name}.weight"] = fake_quantize(params[f"{name}.weight"], self.method.weight)
+        return out
 
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean loss over all calibration samples with the current scales."""
-        total = sum(self.batch_loss(b).item() * len(b) for b in self._batches())
+        params = self.quantized_params(self.params(self.block))
+        total = sum(self.batch_loss(b, params).item() * len(b) for b in self._batches())
         return total / self.num_samples
 
     @torch.no_grad()
@@ -285,6 +315,7 @@ class BlockwiseEngine(nn.Module):
     def linear_errors(self, params: dict[str, torch.Tensor]) -> dict[str, float]:
         """Per linear: mean over tokens of ``‖xWᵀ − Q_a(x)Q_w(W)ᵀ‖² / ‖xWᵀ‖²`` on the block's FP inputs."""
         layer = self.layer(self.block)
+        quantized = self.quantized_params(params)
         sums: dict[str, float] = {}
         count = 0
         handles = []
@@ -294,7 +325,7 @@ class BlockwiseEngine(nn.Module):
                 def hook(mod, args, output, name=name):
                     x = hadamard_transform(args[0]) if mod.online_hadamard else args[0]
                     ref = F.linear(x, mod.weight)
-                    approx = F.linear(fake_quantize(x, self.method.act), fake_quantize(mod.weight, self.method.weight))
+                    approx = F.linear(fake_quantize(x, self.method.act), quantized[f"{name}.weight"])
                     rel = (ref - approx).pow(2).sum(-1) / ref.pow(2).sum(-1).clamp_min(1e-12)
                     sums[name] = sums.get(name, 0.0) + rel.sum().item()
 

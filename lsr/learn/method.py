@@ -21,14 +21,15 @@ class MethodConfig:
         statistic: ``max`` (SmoothRot) or ``quantile`` (lsr) of |x_j| over calibration tokens.
         quantile: the quantile p used when ``statistic == "quantile"``.
         alpha: migration strength in ``s = a^α / w^(1-α)``.
-        guard: compare the quantized block error of the quantile init with the max init, per block, and keep the
-            better one (massive first-token activations make a low quantile far too small in some blocks).
+        guard: score the quantized block error of the quantile init, the max init and no scaling (s = 1), per
+            block, and start from the best (massive first-token activations make a low quantile far too small in
+            some blocks, and after the rotation some points need no scaling).
         learn: train the log-scales block by block.
         epochs: epochs per block when learning.
         lr: Adam learning rate on the log-scales.
         band: log-scales stay within ``θ₀ ± band``.
         inputs: block inputs for learning come from the ``quantized`` blocks before it or the ``fp`` chain.
-        weight: weight quantizer (per output channel).
+        weight: weight quantizer (per output channel, MSE-searched clip ratio as in QuaRot's RTN).
         act: activation quantizer (per token, every linear input).
         seed: rotation and data-order seed.
     """
@@ -42,10 +43,10 @@ class MethodConfig:
     guard: bool = True
     learn: bool = True
     epochs: int = 4
-    lr: float = 5e-3
+    lr: float = 1e-2
     band: float = 1.0
     inputs: Literal["quantized", "fp"] = "quantized"
-    weight: QuantSpec = field(default_factory=lambda: QuantSpec(bits=4, granularity="channel"))
+    weight: QuantSpec = field(default_factory=lambda: QuantSpec(bits=4, granularity="channel", clip_search=True))
     act: QuantSpec = field(default_factory=lambda: QuantSpec(bits=4, granularity="token"))
     seed: int = 0
 

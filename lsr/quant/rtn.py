@@ -25,6 +25,7 @@ class QuantSpec:
     granularity: Granularity = "channel"
     group_size: int = 128
     clip_ratio: float = 1.0
+    clip_search: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -35,6 +36,8 @@ class QuantSpec:
             raise ValueError(f"group_size must be positive, got {self.group_size}")
         if not 0.0 < self.clip_ratio <= 1.0:
             raise ValueError(f"clip_ratio must be in (0, 1], got {self.clip_ratio}")
+        if self.clip_search and (not self.symmetric or self.clip_ratio != 1.0):
+            raise ValueError("clip_search picks the clip ratio itself: it needs symmetric=True and clip_ratio=1.0")
 
     @property
     def qmin(self) -> int:
@@ -60,11 +63,32 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+CLIP_GRID = tuple(1.0 - 0.03 * i for i in range(16))  # 1.00 ... 0.55
+
+
+@torch.no_grad()
+def _best_clip(g: torch.Tensor, absmax: torch.Tensor, spec: QuantSpec, norm: float = 2.4) -> torch.Tensor:
+    """Per group, the clip ratio in CLIP_GRID minimising ``Σ|x − Q(x)|^2.4`` (QuaRot/GPTQ's weight-clip search)."""
+    best_err = torch.full_like(absmax, float("inf"))
+    best = torch.ones_like(absmax)
+    for ratio in CLIP_GRID:
+        scale = absmax * (ratio / spec.qmax)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        err = (torch.clamp(torch.round(g / scale), spec.qmin, spec.qmax) * scale - g).abs().pow(norm)
+        err = err.sum(dim=-1, keepdim=True)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, torch.full_like(best, ratio), best)
+    return best
+
+
 def quantize(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Integer codes (float tensor of integers, grouped shape), scale and zero point (None if symmetric)."""
     g = _grouped(x, spec)
     if spec.symmetric:
-        scale = g.abs().amax(dim=-1, keepdim=True) * (spec.clip_ratio / spec.qmax)
+        absmax = g.abs().amax(dim=-1, keepdim=True)
+        ratio = _best_clip(g.detach(), absmax.detach(), spec) if spec.clip_search else spec.clip_ratio
+        scale = absmax * ratio / spec.qmax
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         q = torch.clamp(_round_ste(g / scale), spec.qmin, spec.qmax)
         return q, scale, None
