@@ -109,10 +109,9 @@ def test_quantized_linear_equals_fake_quant_twin(in_features, online):
         torch.testing.assert_close(real.dequantized_weight(), q_w * s_w)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "lsr.quant.rtn takes scale = absmax * (1/7), lsr.kernels absmax / 7: they differ by one ulp for about half the "
-    "tokens, which flips exact .5 ties (frequent on 16-bit-valued inputs); fixed by `absmax * clip_ratio / qmax`"))
 def test_fake_quant_activation_codes_equal_kernel_codes_on_16bit_values():
+    """rtn's ``absmax * ratio / qmax`` is the kernels' ``absmax / 7`` to the bit (``absmax * (1/7)`` differed by an
+    ulp for about half the tokens and flipped exact .5 ties, frequent on 16-bit-valued inputs)."""
     x = torch.randn(512, 576, generator=torch.Generator().manual_seed(0)).half().float()
     q_kernel, _ = quantize_per_token_int4(x)
     q_fake, _, _ = quantize(x, A4)
