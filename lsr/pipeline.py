@@ -1,6 +1,7 @@
-"""`lsr run`: the main job on one config: calibrate + learn (fit), then FP vs W4A4 perplexity in one table.
+"""`lsr run`: the main job on one config, end to end, with one result table.
 
-When the INT4 exporter is available the refined model is also exported and its perplexity measured.
+FP perplexity → `fit` (calibrate + learn the scales block by block) → W4A4 fake-quant perplexity → `export` (real
+INT4 compressed-tensors directory) → reload with `load_quantized` (exact integer path) → INT4 perplexity.
 """
 
 from __future__ import annotations
@@ -11,11 +12,17 @@ from pathlib import Path
 
 from lightning import Trainer
 
+from lsr.export import export_model, load_quantized
+from lsr.export.evaluate import perplexity
 from lsr.learn.module import LsrModule
 
 
 def _validate(trainer: Trainer, module: LsrModule, datamodule) -> float:
     return float(trainer.validate(module, datamodule, verbose=False)[0]["val/ppl"])
+
+
+def _size_mb(directory: Path) -> float:
+    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file()) / 2**20
 
 
 def main_job(argv: list[str]) -> dict:
@@ -39,6 +46,13 @@ def main_job(argv: list[str]) -> dict:
     rows.append((f"W4A4 fake-quant ({module.method.name})", _validate(trainer, module, datamodule),
                  fit_time + time.perf_counter() - start))
 
+    start = time.perf_counter()
+    export_dir = Path(module.output_dir) / "int4"
+    export_model(str(module.output_dir), export_dir, overwrite=True)
+    int4 = load_quantized(export_dir, backend="reference")
+    int4_ppl = perplexity(int4, datamodule.eval_windows(), batch_size=datamodule.batch_size)
+    rows.append((f"W4A4 INT4 export, reloaded ({module.method.name})", int4_ppl, time.perf_counter() - start))
+
     lines = [
         f"model: {module.model_name}   method: {module.method.name}   data: {datamodule.source} "
         f"(calibration {datamodule.num_calibration}×{datamodule.seq_len}, eval windows "
@@ -49,6 +63,7 @@ def main_job(argv: list[str]) -> dict:
     ]
     for name, ppl, seconds in rows:
         lines.append(f"| {name} | {ppl:.3f} | {100 * (ppl / fp_ppl - 1):+.1f} % | {seconds:.0f} |")
+    lines.append(f"\nINT4 export: {export_dir} ({_size_mb(export_dir):.1f} MB on disk)")
     table = "\n".join(lines)
     print("\n" + table)
     out = Path(module.output_dir)

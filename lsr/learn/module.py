@@ -65,7 +65,7 @@ class LsrModule(L.LightningModule):
         self.lm = None
         self.ppl = Perplexity()
         self.save_hyperparameters({"model": model, "method": method_to_dict(self.method),
-                                   "output_dir": output_dir, "batch_size": batch_size, "variant": variant,
+                                   "output_dir": output_dir, "calibration_batch_size": batch_size, "variant": variant,
                                    "dtype": dtype})
 
     # ----------------------------------------------------------------- setup
