@@ -32,12 +32,24 @@ def _trainer(log_dir: Path, name: str) -> Trainer:
     )
 
 
+def _gptq_perplexity(refined: Path, datamodule) -> float:
+    """W4A4 perplexity of a refined checkpoint with GPTQ weights (fake-quant twin of what `lsr export` writes)."""
+    from lsr.export import ExportConfig, fake_quant_twin, prepare_export
+    from lsr.export.evaluate import perplexity
+
+    prepared = prepare_export(str(refined), ExportConfig(weight_quantizer="gptq"),
+                              calibration=datamodule.calibration_windows(), for_export=False)
+    return perplexity(fake_quant_twin(prepared), datamodule.eval_windows(), batch_size=datamodule.batch_size)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/smollm2.yaml")
     parser.add_argument("--methods", nargs="+", default=["fp", *PRESETS])
     parser.add_argument("--out", default="benchmarks/compare_smollm2")
-    parser.add_argument("--runs", default="runs/compare")
+    parser.add_argument("--runs", default="runs/compare", help="refined checkpoints; a finished one is reused")
+    parser.add_argument("--gptq", nargs="*", default=[], metavar="METHOD",
+                        help="also evaluate these methods with GPTQ weights (on the same calibration windows)")
     args, rest = parser.parse_known_args()
 
     cli = build_cli(["--config", args.config, *rest], run=False)
@@ -57,13 +69,19 @@ def main() -> None:
             method = preset(name, weight=base.method.weight, act=base.method.act, seed=base.method.seed,
                             **({"epochs": base.method.epochs, "lr": base.method.lr} if PRESETS[name].learn else {}))
             module = LsrModule(model=base.model_name, method=method, output_dir=f"{args.runs}/{name}",
-                               batch_size=base.batch_size, resume=False)
+                               batch_size=base.batch_size, resume=True)
             trainer.fit(module, datamodule)
             ppl = float(trainer.validate(module, datamodule, verbose=False)[0]["val/ppl"])
             per_layer[name] = module.engine.results
             rows.append({"method": name, "ppl": ppl, "error": full_layer_mean_error(module.engine.results),
                          "seconds": time.perf_counter() - start})
         print(f"{name}: ppl {ppl:.3f}", flush=True)
+        if name in args.gptq:
+            start = time.perf_counter()
+            ppl = _gptq_perplexity(Path(args.runs) / name, datamodule)
+            rows.append({"method": f"{name} + GPTQ", "ppl": ppl, "error": float("nan"),
+                         "seconds": time.perf_counter() - start})
+            print(f"{name} + GPTQ: ppl {ppl:.3f}", flush=True)
 
     fp_ppl = fp_ppl or float("nan")
     lines = [
@@ -75,7 +93,7 @@ def main() -> None:
     ]
     for r in rows:
         gap = f"{100 * (r['ppl'] / fp_ppl - 1):+.1f} %" if r["method"] != "FP" else "—"
-        err = f"{r['error']:.4f}" if r["method"] != "FP" else "—"
+        err = f"{r['error']:.4f}" if r["method"] != "FP" and r["error"] == r["error"] else "—"
         lines.append(f"| {r['method']} | {r['ppl']:.2f} | {gap} | {err} | {r['seconds']:.0f} |")
     table = "\n".join(lines)
     print("\n" + table)
