@@ -92,7 +92,7 @@ def main() -> None:
         "|---|---|---|---|---|",
     ]
     for r in rows:
-        gap = f"{100 * (r['ppl'] / fp_ppl - 1):+.1f} %" if r["method"] != "FP" else "—"
+        gap = f"{100 * (r['ppl'] / fp_ppl - 1):+.1f} %" if r["method"] != "FP" and fp_ppl == fp_ppl else "—"
         err = f"{r['error']:.4f}" if r["method"] != "FP" and r["error"] == r["error"] else "—"
         lines.append(f"| {r['method']} | {r['ppl']:.2f} | {gap} | {err} | {r['seconds']:.0f} |")
     table = "\n".join(lines)
