@@ -62,7 +62,7 @@ class LsrModule(L.LightningModule):
         self.resume = resume
         self.dtype_name = dtype
         self.engine: BlockwiseEngine | None = None
-        self.lm = None
+        self.__dict__["_lm"] = None  # not a submodule: Lightning must not move the whole LM to the accelerator
         self.ppl = Perplexity()
         self.save_hyperparameters({"model": model, "method": method_to_dict(self.method),
                                    "output_dir": output_dir, "calibration_batch_size": batch_size, "variant": variant,
@@ -72,14 +72,31 @@ class LsrModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if self.lm is not None:
             return
-        self.lm, _ = load_model(self.model_name, dtype=getattr(torch, self.dtype_name), with_tokenizer=False)
+        self.__dict__["_lm"], _ = load_model(self.model_name, dtype=getattr(torch, self.dtype_name),
+                                             with_tokenizer=False)
         if stage == "fit":
             self._setup_fit()
         elif self.variant == "rotated":
             rotate_model(self.lm, seed=self.method.seed)
         elif self.variant == "fake_quant":
             apply_refined(self.lm, self.output_dir)
+
+    @property
+    def lm(self) -> torch.nn.Module | None:
+        """The causal LM; during fit only the block being learned sits on the accelerator (the engine moves it)."""
+        return self.__dict__["_lm"]
+
+    def _lm_to_device(self) -> None:
         self.lm.to(self.device)
+
+    def on_validation_start(self) -> None:
+        self._lm_to_device()
+
+    def on_test_start(self) -> None:
+        self._lm_to_device()
+
+    def on_predict_start(self) -> None:
+        self._lm_to_device()
 
     def _fingerprint(self) -> str:
         dm = self.trainer.datamodule
