@@ -17,7 +17,8 @@ from lsr.export.evaluate import perplexity
 from lsr.learn.module import LsrModule
 
 
-def _validate(trainer: Trainer, module: LsrModule, datamodule) -> float:
+def validate_perplexity(trainer: Trainer, module: LsrModule, datamodule) -> float:
+    """`trainer.validate` on the eval windows; returns the perplexity."""
     return float(trainer.validate(module, datamodule, verbose=False)[0]["val/ppl"])
 
 
@@ -34,7 +35,7 @@ def main_job(argv: list[str]) -> dict:
 
     start = time.perf_counter()
     fp = LsrModule(model=module.model_name, method=module.method, variant="fp")
-    fp_ppl = _validate(trainer, fp, datamodule)
+    fp_ppl = validate_perplexity(trainer, fp, datamodule)
     rows.append(("FP32 (dequantized GGUF)" if module.model_name == "smollm2" else "FP", fp_ppl,
                  time.perf_counter() - start))
     del fp
@@ -43,7 +44,7 @@ def main_job(argv: list[str]) -> dict:
     trainer.fit(module, datamodule)
     fit_time = time.perf_counter() - start
     start = time.perf_counter()
-    rows.append((f"W4A4 fake-quant ({module.method.name})", _validate(trainer, module, datamodule),
+    rows.append((f"W4A4 fake-quant ({module.method.name})", validate_perplexity(trainer, module, datamodule),
                  fit_time + time.perf_counter() - start))
 
     start = time.perf_counter()

@@ -20,6 +20,7 @@ from lsr.cli import build_cli
 from lsr.learn.method import PRESETS, preset
 from lsr.learn.module import LsrModule
 from lsr.learn.report import full_layer_mean_error, plot_per_layer_error
+from lsr.pipeline import validate_perplexity
 
 
 def _trainer(log_dir: Path, name: str) -> Trainer:
@@ -62,7 +63,7 @@ def main() -> None:
         trainer = _trainer(Path("lightning_logs") / "compare", name)
         if name == "fp":
             module = LsrModule(model=base.model_name, variant="fp")
-            ppl = float(trainer.validate(module, datamodule, verbose=False)[0]["val/ppl"])
+            ppl = validate_perplexity(trainer, module, datamodule)
             fp_ppl = ppl
             rows.append({"method": "FP", "ppl": ppl, "error": 0.0, "seconds": time.perf_counter() - start})
         else:
@@ -71,7 +72,7 @@ def main() -> None:
             module = LsrModule(model=base.model_name, method=method, output_dir=f"{args.runs}/{name}",
                                batch_size=base.batch_size, resume=True)
             trainer.fit(module, datamodule)
-            ppl = float(trainer.validate(module, datamodule, verbose=False)[0]["val/ppl"])
+            ppl = validate_perplexity(trainer, module, datamodule)
             per_layer[name] = module.engine.results
             rows.append({"method": name, "ppl": ppl, "error": full_layer_mean_error(module.engine.results),
                          "seconds": time.perf_counter() - start})

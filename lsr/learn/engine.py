@@ -20,6 +20,7 @@ from torch.func import functional_call
 from lsr.hadamard import hadamard_transform
 from lsr.learn.method import MethodConfig
 from lsr.learn.refined import fold_scales
+from lsr.metrics import LayerError
 from lsr.models.adapter import adapter_for
 from lsr.quant.rtn import fake_quantize
 from lsr.transforms.linear import QLinear, set_quantizers
@@ -316,29 +317,25 @@ class BlockwiseEngine(nn.Module):
         """Per linear: mean over tokens of ``‖xWᵀ − Q_a(x)Q_w(W)ᵀ‖² / ‖xWᵀ‖²`` on the block's FP inputs."""
         layer = self.layer(self.block)
         quantized = self.quantized_params(params)
-        sums: dict[str, float] = {}
-        count = 0
+        errors: dict[str, LayerError] = {}
         handles = []
         for name, module in layer.named_modules():
             if isinstance(module, QLinear):
+                errors[name] = LayerError()
 
                 def hook(mod, args, output, name=name):
                     x = hadamard_transform(args[0]) if mod.online_hadamard else args[0]
-                    ref = F.linear(x, mod.weight)
                     approx = F.linear(fake_quantize(x, self.method.act), quantized[f"{name}.weight"])
-                    rel = (ref - approx).pow(2).sum(-1) / ref.pow(2).sum(-1).clamp_min(1e-12)
-                    sums[name] = sums.get(name, 0.0) + rel.sum().item()
+                    errors[name].update(F.linear(x, mod.weight), approx)
 
                 handles.append(module.register_forward_hook(hook))
         try:
             for b in self._batches():
-                x = self.x_fp[b].to(self.device)
-                self._run(params, x, False)
-                count += x.shape[0] * x.shape[1]
+                self._run(params, self.x_fp[b].to(self.device), False)
         finally:
             for h in handles:
                 h.remove()
-        return {name.split(".")[-1]: total / count for name, total in sums.items()}
+        return {name.split(".")[-1]: metric.compute().item() for name, metric in errors.items()}
 
     # ----------------------------------------------------------------- whole model, no learning
     def run(self, on_block_end=None) -> list[BlockResult]:
