@@ -1,37 +1,47 @@
-"""lsr: learned smooth-rotation W4A4 quantization for LLaMA-family models."""
+"""lsr: learned smooth-rotation W4A4 quantization for LLaMA-family models.
 
-from typing import TYPE_CHECKING
+    import lsr
+    model, tokenizer = lsr.load_model("smollm2")
+    windows = lsr.DataConfig(seq_len=512, num_calibration=8).calibration_windows(tokenizer)
+    result = lsr.quantize_(model, lsr.Recipe.from_name("lsr", learn={"epochs": 2}), windows)
+    lsr.export.export_model(...)  # or `lsr fit` / `lsr export` from the command line
+"""
 
+from lsr.data.config import DataConfig
 from lsr.hadamard import hadamard_matrix, hadamard_transform, random_hadamard_matrix
-from lsr.learn.method import MethodConfig, preset
-from lsr.learn.refined import apply_refined
 from lsr.models import load_model, load_tokenizer
 from lsr.quant import QuantSpec
+from lsr.recipe import PRESETS, Recipe
 from lsr.transforms import rotate_model
 
-if TYPE_CHECKING:
-    from lsr.export import export_model, load_quantized
-
 __all__ = [
-    "MethodConfig",
+    "PRESETS",
+    "DataConfig",
     "QuantSpec",
-    "apply_refined",
+    "Recipe",
+    "apply_checkpoint",
     "export_model",
     "hadamard_matrix",
     "hadamard_transform",
     "load_model",
     "load_quantized",
     "load_tokenizer",
-    "preset",
+    "quantize_",
     "random_hadamard_matrix",
     "rotate_model",
 ]
 
+_LAZY = {  # heavy imports on first use: Lightning (quantize_), compressed-tensors (export)
+    "quantize_": "lsr.learn.fit",
+    "apply_checkpoint": "lsr.pipeline.apply",
+    "export_model": "lsr.export",
+    "load_quantized": "lsr.export",
+}
+
 
 def __getattr__(name: str):
-    # lsr.export imports compressed-tensors (~2.5 s): load it on first use only.
-    if name in ("export_model", "load_quantized"):
-        import lsr.export
+    if name in _LAZY:
+        import importlib
 
-        return getattr(lsr.export, name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'lsr' has no attribute {name!r}")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics import Metric
 
 
@@ -89,3 +92,23 @@ class LayerError(Metric):
     def compute(self) -> Tensor:
         """Mean per-token relative error."""
         return (self.err_sum / self.count).float()
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, windows: Tensor, *, batch_size: int = 1, device: str | torch.device | None = None,
+               log: Callable[[str], None] | None = None, label: str = "perplexity") -> float:
+    """Token perplexity of `model` over ``[n, seq_len]`` windows; with `log`, a progress line every ~15 s."""
+    if device is None:
+        device = next(t for t in (*model.parameters(), *model.buffers()) if not t.is_meta).device
+    metric = Perplexity().to(device)
+    start = last = time.perf_counter()
+    done = 0
+    for batch in windows.split(batch_size):
+        batch = batch.to(device)
+        metric.update(model(batch).logits, batch)
+        done += batch.shape[0]
+        if log is not None and time.perf_counter() - last > 15:
+            last = time.perf_counter()
+            log(f"{label}: {done}/{windows.shape[0]} windows, {float(metric.compute()):.3f} so far "
+                f"({last - start:.0f}s)")
+    return float(metric.compute())

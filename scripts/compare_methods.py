@@ -1,10 +1,12 @@
-"""Compare FP, quarot, smoothrot, quantile and lsr on one model and data, in one run, on one code path.
+"""Compare FP and W4A4 recipes on one model and data, in one run, on one code path (`lsr.learn.fit`).
 
-    python scripts/compare_methods.py --config configs/smollm2.yaml [--methods quarot lsr] [--out benchmarks/...]
+    python scripts/compare_methods.py --config configs/smollm2.yaml [--recipes quarot lsr lsr-gptq] \
+        [--out benchmarks/compare_smollm2] [-- any `lsr fit` option, e.g. --trainer.limit_train_batches 2]
 
-Every method is a `MethodConfig` preset run through the same `LsrModule` (Lightning fit, then validate); the
-data, quantizers and seeds come from the config. Prints one table (W4A4 perplexity, gap to FP, full-layer mean
-error, wall time) and writes JSON, markdown and a PNG of per-layer error by method.
+Every recipe is a preset resolved with the config's model, data, batch size and trainer; its refined checkpoint
+goes to ``--runs/{recipe}`` (a finished one is reused). Prints one table (W4A4 fake-quant perplexity, gap to FP,
+full-layer mean error, wall time, thread count) and writes JSON, markdown and a PNG of the relative block error
+per recipe (init and final).
 """
 
 from __future__ import annotations
@@ -14,96 +16,69 @@ import json
 import time
 from pathlib import Path
 
-from lightning import Trainer
+import torch
 
-from lsr.cli import build_cli
-from lsr.learn.method import PRESETS, preset
-from lsr.learn.module import LsrModule
-from lsr.learn.report import full_layer_mean_error, plot_per_layer_error
-from lsr.pipeline import validate_perplexity
-
-
-def _trainer(log_dir: Path, name: str) -> Trainer:
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    return Trainer(
-        accelerator="cpu", devices=1, max_epochs=-1, enable_checkpointing=False, num_sanity_val_steps=0,
-        check_val_every_n_epoch=1_000_000, log_every_n_steps=1, enable_progress_bar=False,
-        enable_model_summary=False, logger=TensorBoardLogger(log_dir, name=name),
-    )
-
-
-def _gptq_perplexity(refined: Path, datamodule) -> float:
-    """W4A4 perplexity of a refined checkpoint with GPTQ weights (fake-quant twin of what `lsr export` writes)."""
-    from lsr.export import ExportConfig, fake_quant_twin, prepare_export
-    from lsr.export.evaluate import perplexity
-
-    prepared = prepare_export(str(refined), ExportConfig(weight_quantizer="gptq"),
-                              calibration=datamodule.calibration_windows(), for_export=False)
-    return perplexity(fake_quant_twin(prepared), datamodule.eval_windows(), batch_size=datamodule.batch_size)
+from lsr.cli import _build, _trainer_kwargs, parse
+from lsr.data.config import DataConfig
+from lsr.learn import fit
+from lsr.learn.report import block_error_curves, full_layer_mean_error, plot_block_errors
+from lsr.metrics import perplexity
+from lsr.models.loading import ModelConfig, load_model
+from lsr.recipe import PRESETS, Recipe
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/smollm2.yaml")
-    parser.add_argument("--methods", nargs="+", default=["fp", *PRESETS])
+    parser.add_argument("--recipes", nargs="+", default=["fp", "quarot", "smoothrot", "quantile", "lsr"],
+                        help=f"fp and presets: {', '.join(PRESETS)}")
     parser.add_argument("--out", default="benchmarks/compare_smollm2")
     parser.add_argument("--runs", default="runs/compare", help="refined checkpoints; a finished one is reused")
-    parser.add_argument("--gptq", nargs="*", default=[], metavar="METHOD",
-                        help="also evaluate these methods with GPTQ weights (on the same calibration windows)")
     args, rest = parser.parse_known_args()
+    rest = [r for r in rest if r != "--"]
 
-    cli = build_cli(["--config", args.config, *rest], run=False)
-    base, datamodule = cli.model, cli.datamodule
-    settings = {k: getattr(datamodule, k) for k in ("source", "seq_len", "num_calibration", "max_eval_windows")}
-    rows, per_layer = [], {}
-    fp_ppl = None
-    for name in args.methods:
+    _, cfg = parse(["fit", "--config", args.config, *rest])
+    model, data = _build(ModelConfig, cfg["model"]), _build(DataConfig, cfg["data"])
+    trainer = _trainer_kwargs(cfg)
+    rows, curves = [], {}
+    fp_ppl = float("nan")
+    for name in args.recipes:
         start = time.perf_counter()
-        trainer = _trainer(Path("lightning_logs") / "compare", name)
         if name == "fp":
-            module = LsrModule(model=base.model_name, variant="fp")
-            ppl = validate_perplexity(trainer, module, datamodule)
-            fp_ppl = ppl
-            rows.append({"method": "FP", "ppl": ppl, "error": 0.0, "seconds": time.perf_counter() - start})
-        else:
-            method = preset(name, weight=base.method.weight, act=base.method.act, seed=base.method.seed,
-                            **({"epochs": base.method.epochs, "lr": base.method.lr} if PRESETS[name].learn else {}))
-            module = LsrModule(model=base.model_name, method=method, output_dir=f"{args.runs}/{name}",
-                               batch_size=base.batch_size, resume=True)
-            trainer.fit(module, datamodule)
-            ppl = validate_perplexity(trainer, module, datamodule)
-            per_layer[name] = module.engine.results
-            rows.append({"method": name, "ppl": ppl, "error": full_layer_mean_error(module.engine.results),
-                         "seconds": time.perf_counter() - start})
+            lm, tokenizer = load_model(model.name, dtype=model.torch_dtype)
+            fp_ppl = perplexity(lm, data.eval_windows(tokenizer), batch_size=data.batch_size)
+            rows.append({"recipe": "FP", "ppl": fp_ppl, "error": float("nan"), "seconds": time.perf_counter() - start})
+            print(f"FP: ppl {fp_ppl:.3f}", flush=True)
+            continue
+        recipe = _build(Recipe, cfg["recipe"]) if name == cfg["recipe"]["name"] else Recipe.from_name(name)
+        result, tokenizer = fit(model, recipe, data, Path(args.runs) / name, batch_size=cfg["batch_size"],
+                                trainer=trainer, log_dir=str(Path("lightning_logs") / "compare"))
+        ppl = perplexity(result.model, data.eval_windows(tokenizer), batch_size=data.batch_size)
+        curves.update(block_error_curves(result.records, name))
+        rows.append({"recipe": name, "ppl": ppl, "error": full_layer_mean_error(result.records),
+                     "seconds": time.perf_counter() - start})
         print(f"{name}: ppl {ppl:.3f}", flush=True)
-        if name in args.gptq:
-            start = time.perf_counter()
-            ppl = _gptq_perplexity(Path(args.runs) / name, datamodule)
-            rows.append({"method": f"{name} + GPTQ", "ppl": ppl, "error": float("nan"),
-                         "seconds": time.perf_counter() - start})
-            print(f"{name} + GPTQ: ppl {ppl:.3f}", flush=True)
 
-    fp_ppl = fp_ppl or float("nan")
     lines = [
-        f"model: {base.model_name}; W4A4 RTN (weights {base.method.weight.bits}-bit per channel, activations "
-        f"{base.method.act.bits}-bit per token, every linear input); data: {settings}",
+        f"model: {model.name}; W4A4 (weights 4-bit per output channel, activations 4-bit per token on every linear "
+        f"input); data: {data.describe()}; threads: {torch.get_num_threads()}",
         "",
-        "| method | W4A4 perplexity | gap to FP | full-layer mean error | wall time (s) |",
+        "| recipe | W4A4 perplexity | gap to FP | full-layer mean error | wall time (s) |",
         "|---|---|---|---|---|",
     ]
     for r in rows:
-        gap = f"{100 * (r['ppl'] / fp_ppl - 1):+.1f} %" if r["method"] != "FP" and fp_ppl == fp_ppl else "—"
-        err = f"{r['error']:.4f}" if r["method"] != "FP" and r["error"] == r["error"] else "—"
-        lines.append(f"| {r['method']} | {r['ppl']:.2f} | {gap} | {err} | {r['seconds']:.0f} |")
+        gap = f"{100 * (r['ppl'] / fp_ppl - 1):+.1f} %" if r["recipe"] != "FP" and fp_ppl == fp_ppl else "—"
+        err = f"{r['error']:.4f}" if r["error"] == r["error"] else "—"
+        lines.append(f"| {r['recipe']} | {r['ppl']:.2f} | {gap} | {err} | {r['seconds']:.0f} |")
     table = "\n".join(lines)
     print("\n" + table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(table + "\n")
+    settings = {"model": model.name, "data": data.describe(), "threads": torch.get_num_threads(), "extra": rest}
     out.with_suffix(".json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
-    if per_layer:
-        plot_per_layer_error(per_layer, out.with_suffix(".png"))
+    if curves:
+        plot_block_errors(curves, out.with_suffix(".png"), "relative block error ‖Yq − Y‖² / ‖Y‖²")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""Data layer: text sources, token windows and the Lightning data module."""
+"""Data layer: text sources, token windows and the data config."""
 
-from lsr.data.module import LsrDataModule
+from lsr.data.config import DataConfig
 from lsr.data.sources import load_texts
 from lsr.data.windows import (
     DATA_VERSION,
@@ -12,7 +12,7 @@ from lsr.data.windows import (
 
 __all__ = [
     "DATA_VERSION",
-    "LsrDataModule",
+    "DataConfig",
     "cached_token_ids",
     "calibration_windows",
     "eval_windows",

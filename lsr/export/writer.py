@@ -22,10 +22,9 @@ from safetensors.torch import save_file
 
 from lsr.export import format as fmt
 from lsr.export.config import ExportConfig
-from lsr.export.prepare import PreparedModel, decoder_linears
 from lsr.hadamard import decompose
-from lsr.learn.refined import method_to_dict
 from lsr.models.adapter import adapter_for
+from lsr.pipeline.apply import QuantizedModel
 from lsr.quant.rtn import QuantSpec, quantize
 from lsr.transforms.linear import QLinear
 
@@ -69,14 +68,14 @@ def _packed(prefix: str, q: torch.Tensor, scale: torch.Tensor, bits: int) -> dic
     }
 
 
-def export_tensors(prepared: PreparedModel, config: ExportConfig) -> dict[str, torch.Tensor]:
+def export_tensors(prepared: QuantizedModel, config: ExportConfig) -> dict[str, torch.Tensor]:
     """Every tensor of the export: packed int4 decoder linears, 16-bit (or int8) embedding/lm_head, float32 rest."""
     model = prepared.model
     adapter = adapter_for(model)
     names = {id(m): n for n, m in model.named_modules()}
     embed_name = names[id(adapter.embeddings(model))]
     head_name = names[id(adapter.lm_head(model))]
-    linears = decoder_linears(model)
+    linears = adapter.decoder_linears(model)
     missing = sorted(set(linears) - set(prepared.weights))
     if missing:
         raise ValueError(f"no quantized weight for {missing[:3]}...: call quantize_weights first")
@@ -104,7 +103,7 @@ def export_tensors(prepared: PreparedModel, config: ExportConfig) -> dict[str, t
     return {k: v.contiguous().cpu() for k, v in tensors.items()}
 
 
-def quantization_config(prepared: PreparedModel, config: ExportConfig) -> dict:
+def quantization_config(prepared: QuantizedModel, config: ExportConfig) -> dict:
     """``quantization_config`` for config.json, built with compressed-tensors' own pydantic schema."""
     model = prepared.model
     adapter = adapter_for(model)
@@ -119,7 +118,7 @@ def quantization_config(prepared: PreparedModel, config: ExportConfig) -> dict:
     qconfig = QuantizationConfig(
         config_groups=groups, format=fmt.PACK_FORMAT, quantization_status="compressed", ignore=ignore
     )
-    down = adapter.block(adapter.layers(model)[0]).down_proj
+    down = adapter.layers(model)[0].get_submodule(adapter.mapping.online_hadamard)
     return {
         "version": compressed_tensors.__version__,
         "sparsity_config": {},
@@ -128,7 +127,7 @@ def quantization_config(prepared: PreparedModel, config: ExportConfig) -> dict:
     }
 
 
-def lsr_section(prepared: PreparedModel, config: ExportConfig) -> dict:
+def lsr_section(prepared: QuantizedModel, config: ExportConfig) -> dict:
     """lsr's own metadata: what the compressed-tensors schema cannot say (or cannot say exactly)."""
     model = prepared.model
     adapter = adapter_for(model)
@@ -142,17 +141,16 @@ def lsr_section(prepared: PreparedModel, config: ExportConfig) -> dict:
         m, k = decompose(size)
         transforms.append({"name": "R4", "targets": list(fmt.R4_TARGETS), "location": "input", "size": size,
                            "m": m, "k": k, "construction": fmt.HADAMARD_CONSTRUCTION})
-    quantizer = {"name": config.weight_quantizer}
-    if config.weight_quantizer == "gptq":
-        quantizer.update(asdict(config.gptq))
-        quantizer["calibration"] = asdict(config.data)
+    quantizer = {"name": prepared.recipe.weights.method}
+    if prepared.recipe.weights.method == "gptq":
+        quantizer.update(asdict(prepared.recipe.weights.gptq))
     names = {id(mod): n for n, mod in model.named_modules()}
     embed_mode = "int8 per row" if config.embeddings_8bit else config.storage_dtype
     head_mode = "int8 per output channel" if config.embeddings_8bit else config.storage_dtype
     return {
         "format_version": fmt.FORMAT_VERSION,
         "source": prepared.source,
-        "method": method_to_dict(prepared.method),
+        "recipe": prepared.recipe.to_dict(),
         "weight_quantizer": quantizer,
         "weights": {"bits": 4, "symmetric": True, "granularity": "channel", "range": [-8, 7],
                     "scale_dtype": "float32", "targets": list(fmt.W4A4_TARGETS)},
@@ -163,7 +161,7 @@ def lsr_section(prepared: PreparedModel, config: ExportConfig) -> dict:
     }
 
 
-def _model_config(prepared: PreparedModel, config: ExportConfig) -> dict:
+def _model_config(prepared: QuantizedModel, config: ExportConfig) -> dict:
     model = prepared.model
     data = model.config.to_dict()
     data.pop("lsr_rotation", None)
@@ -186,8 +184,8 @@ def _default_permissions(directory: Path) -> None:
             file.chmod(0o666 & ~umask)
 
 
-def write_export(prepared: PreparedModel, out_dir: str | Path, config: ExportConfig) -> ExportResult:
-    """Write `prepared` (with its quantized weights) to `out_dir` atomically."""
+def write_export(prepared: QuantizedModel, out_dir: str | Path, config: ExportConfig, tokenizer=None) -> ExportResult:
+    """Write `prepared` (a recipe applied: fake-quant model + int codes) and `tokenizer` to `out_dir` atomically."""
     target = Path(out_dir).expanduser()
     if target.exists() and not config.overwrite:
         raise FileExistsError(f"{target} exists; pass overwrite=True (--overwrite) to replace it")
@@ -205,8 +203,8 @@ def write_export(prepared: PreparedModel, out_dir: str | Path, config: ExportCon
                                                "sha256": sha256_file(weights_path)}}
         data["lsr"] = section
         (tmp / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        if prepared.tokenizer is not None:
-            prepared.tokenizer.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         generation = getattr(prepared.model, "generation_config", None)
         if generation is not None:
             generation.save_pretrained(tmp)

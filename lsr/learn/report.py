@@ -1,51 +1,84 @@
-"""Per-layer error reports: a printed table, JSON, markdown, and a PNG of per-layer error by method."""
+"""Per-block reports: TensorBoard charts against the block index, a markdown table, JSON and a PNG.
+
+TensorBoard (one chart per quantity, init and final on the same chart):
+``block_error`` (relative ``‖Yq − Y‖² / ‖Y‖²``: init, learned, final), ``linear_error/{q_proj, ...}`` (init and
+final), ``full_layer_mean_error``; the learning curves ``train/relative_error`` and ``train/lr`` run over all blocks.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
-from lsr.learn.engine import BlockResult
+from lsr.pipeline.runner import Block, BlockRecord
 
 
-def block_mean_error(result: BlockResult, after: bool = True) -> float:
-    errors = result.linear_error_after if after else result.linear_error_before
+def mean_linear_error(record: BlockRecord, stage: str = "final") -> float:
+    errors = record.linear_error_final if stage == "final" else record.linear_error_init
     return sum(errors.values()) / max(len(errors), 1)
 
 
-def full_layer_mean_error(results: list[BlockResult], after: bool = True) -> float:
+def full_layer_mean_error(records: list[BlockRecord], stage: str = "final") -> float:
     """Mean relative output error over all linears of all blocks (seed-004's "full-layer mean error")."""
-    errors = [e for r in results for e in (r.linear_error_after if after else r.linear_error_before).values()]
+    errors = [e for r in records for e in (r.linear_error_final if stage == "final" else r.linear_error_init).values()]
     return sum(errors) / max(len(errors), 1)
 
 
-def markdown_table(results: list[BlockResult]) -> str:
-    names = list(results[0].linear_error_after) if results else []
-    head = "| block | init | block MSE init | block MSE final | " + " | ".join(names) + " | mean |"
-    rows = [head, "|" + "---|" * (len(names) + 5)]
-    for r in results:
-        cells = " | ".join(f"{r.linear_error_after.get(n, float('nan')):.4f}" for n in names)
-        rows.append(
-            f"| {r.index} | {r.init} | {r.loss_init:.4g} | {r.loss_final:.4g} | {cells} | {block_mean_error(r):.4f} |"
-        )
-    rows.append(f"\nfull-layer mean error: before learning {full_layer_mean_error(results, False):.4f}, "
-                f"after {full_layer_mean_error(results):.4f}")
+class TensorBoardReport:
+    """After each block, its errors on charts indexed by block (``on_block_end`` of the pipeline)."""
+
+    def __init__(self, logger: Any) -> None:
+        self.experiment = getattr(logger, "experiment", None)
+        self.records: list[BlockRecord] = []
+
+    def __call__(self, block: Block) -> None:
+        self.records.append(block.record)
+        if self.experiment is None:
+            return
+        r, i = block.record, block.index
+        curves = {"init": r.error_init, "learned": r.error_learned, "final": r.error_final}
+        self.experiment.add_scalars("block_error", {k: v for k, v in curves.items() if math.isfinite(v)}, i)
+        for name, final in r.linear_error_final.items():
+            values = {"final": final}
+            if name in r.linear_error_init:
+                values["init"] = r.linear_error_init[name]
+            self.experiment.add_scalars(f"linear_error/{name}", values, i)
+        self.experiment.add_scalar("full_layer_mean_error", full_layer_mean_error(self.records), i)
+        for point, theta in block.log_scales.items():
+            self.experiment.add_histogram(f"log_scales/{point}", theta.detach().cpu(), i)
+        self.experiment.flush()
+
+
+def markdown_table(records: list[BlockRecord]) -> str:
+    names = list(records[0].linear_error_final) if records else []
+    head = ("| block | init | block error init | learned | final | " + " | ".join(names) + " | mean |")
+    rows = [head, "|" + "---|" * (len(names) + 6)]
+    for r in records:
+        cells = " | ".join(f"{r.linear_error_final.get(n, math.nan):.4f}" for n in names)
+        rows.append(f"| {r.index} | {r.init} | {r.error_init:.4g} | {r.error_learned:.4g} | {r.error_final:.4g} | "
+                    f"{cells} | {mean_linear_error(r):.4f} |")
+    before = full_layer_mean_error(records, "init")
+    rows.append(f"\nfull-layer mean error: {full_layer_mean_error(records):.4f}"
+                + (f" (before learning {before:.4f})" if any(r.linear_error_init for r in records) else ""))
     return "\n".join(rows)
 
 
-def plot_per_layer_error(per_method: dict[str, list[BlockResult]], path: Path) -> None:
-    """One line per method: mean relative linear error of each block."""
+def plot_block_errors(curves: dict[str, list[tuple[int, float]]], path: Path, ylabel: str) -> None:
+    """One line per label: a per-block quantity against the block index (log scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for name, results in per_method.items():
-        ax.plot([r.index for r in results], [block_mean_error(r) for r in results], marker="o", ms=3, label=name)
+    for label, points in curves.items():
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, label=label)
     ax.set_xlabel("decoder block")
-    ax.set_ylabel("mean relative output error of its linears")
+    ax.set_ylabel(ylabel)
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -54,18 +87,26 @@ def plot_per_layer_error(per_method: dict[str, list[BlockResult]], path: Path) -
     plt.close(fig)
 
 
-def write_report(results: list[BlockResult], directory: Path, method: str) -> str:
-    """Print and save (JSON, markdown, PNG) the per-layer error table of one run. Returns the markdown."""
+def block_error_curves(records: list[BlockRecord], label: str) -> dict[str, list[tuple[int, float]]]:
+    """``{label (init), label (learned), label (final)}`` relative block errors, those that were measured."""
+    out = {}
+    for stage in ("init", "learned", "final"):
+        points = [(r.index, getattr(r, f"error_{stage}")) for r in records]
+        points = [p for p in points if math.isfinite(p[1])]
+        if points:
+            out[f"{label} ({stage})"] = points
+    return out
+
+
+def write_report(records: list[BlockRecord], directory: Path, name: str) -> str:
+    """Print and save (JSON, markdown, PNG) the per-block report of one run. Returns the markdown."""
     directory.mkdir(parents=True, exist_ok=True)
-    table = markdown_table(results)
-    print(f"\nper-layer relative output error ({method}, W4A4 fake quant)\n{table}")
-    (directory / "per_layer_error.md").write_text(f"# {method}\n\n{table}\n")
-    payload = {
-        "method": method,
-        "full_layer_mean_error_before": full_layer_mean_error(results, False),
-        "full_layer_mean_error": full_layer_mean_error(results),
-        "blocks": [asdict(r) for r in results],
-    }
+    table = markdown_table(records)
+    print(f"\nper-block relative errors ({name}, W4A4 fake quant)\n{table}")
+    (directory / "per_layer_error.md").write_text(f"# {name}\n\n{table}\n")
+    payload = {"recipe": name, "full_layer_mean_error_init": full_layer_mean_error(records, "init"),
+               "full_layer_mean_error": full_layer_mean_error(records), "blocks": [asdict(r) for r in records]}
     (directory / "per_layer_error.json").write_text(json.dumps(payload, indent=2))
-    plot_per_layer_error({method: results}, directory / "per_layer_error.png")
+    plot_block_errors(block_error_curves(records, name), directory / "per_layer_error.png",
+                      "relative block error ‖Yq − Y‖² / ‖Y‖²")
     return table

@@ -21,6 +21,30 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model, in which dtype.
+
+    Args:
+        name: a hub id (e.g. ``meta-llama/Meta-Llama-3-8B``), a local HF directory, or ``smollm2`` (embedded).
+        dtype: weights and activations (float32 on CPU; bfloat16 on a GPU for large models).
+    """
+
+    name: str = "smollm2"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model.dtype={self.dtype!r} is invalid: expected one of {', '.join(DTYPES)}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
 @dataclass(frozen=True)
 class EmbeddedModel:
     package: str

@@ -2,10 +2,12 @@
 
 from lsr.quant.gptq import HessianAccumulator, gptq_fake_quantize, gptq_quantize
 from lsr.quant.rtn import QuantSpec, dequantize, fake_quantize, quantize
+from lsr.quant.weights import QuantizedWeight
 
 __all__ = [
     "HessianAccumulator",
     "QuantSpec",
+    "QuantizedWeight",
     "dequantize",
     "fake_quantize",
     "gptq_fake_quantize",

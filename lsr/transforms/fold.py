@@ -33,13 +33,10 @@ def fold_norms(model: nn.Module) -> None:
     adapter = adapter_for(model)
     untie_embeddings(model)
     for layer in adapter.layers(model):
-        block = adapter.block(layer)
-        for norm, readers in (
-            (block.input_norm, (block.q_proj, block.k_proj, block.v_proj)),
-            (block.post_attention_norm, (block.gate_proj, block.up_proj)),
-        ):
-            for linear in readers:
-                scale_input_columns(linear, norm.weight)
+        for norm_name, readers in adapter.mapping.norm_readers:
+            norm = layer.get_submodule(norm_name)
+            for reader in readers:
+                scale_input_columns(layer.get_submodule(reader), norm.weight)
             norm.weight.fill_(1.0)
     final_norm = adapter.final_norm(model)
     scale_input_columns(adapter.lm_head(model), final_norm.weight)

@@ -76,3 +76,9 @@ def set_quantizers(module: nn.Module, act: QuantSpec | None, weight: QuantSpec |
     """Set the fake quantizers of every QLinear inside `module`."""
     for linear in qlinears(module):
         linear.act_quant, linear.weight_quant = act, weight
+
+
+def replace_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Set the submodule at dotted path `name` of `root`."""
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)

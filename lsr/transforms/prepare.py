@@ -5,15 +5,14 @@ from __future__ import annotations
 from torch import nn
 
 from lsr.models.adapter import adapter_for
-from lsr.transforms.linear import QLinear
+from lsr.transforms.linear import QLinear, replace_module
 
 
 def to_qlinears(model: nn.Module) -> nn.Module:
-    """Replace q/k/v/o/gate/up/down in every block by QLinears sharing their parameters (in place)."""
+    """Replace the mapping's decoder-block linears by QLinears sharing their parameters (in place)."""
     adapter = adapter_for(model)
     for layer in adapter.layers(model):
-        for parent in (layer.self_attn, layer.mlp):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear) and not isinstance(child, QLinear):
-                    setattr(parent, name, QLinear.from_linear(child))
+        for name, linear in adapter.linears(layer).items():
+            if not isinstance(linear, QLinear):
+                replace_module(layer, name, QLinear.from_linear(linear))
     return model

@@ -11,7 +11,7 @@ from torch import nn
 from lsr.hadamard import hadamard_matrix, random_hadamard_matrix
 from lsr.models.adapter import adapter_for
 from lsr.transforms.fold import fold_norms
-from lsr.transforms.linear import QLinear
+from lsr.transforms.linear import QLinear, replace_module
 
 
 def _set(param: torch.Tensor, value: torch.Tensor) -> None:
@@ -51,7 +51,7 @@ def _rotate_heads(v_proj: nn.Linear, o_proj: nn.Linear, head_dim: int) -> None:
 def rotate_model(model: nn.Module, seed: int = 0, *, head_rotation: bool = True) -> nn.Module:
     """Fold norms, then apply R1 (random-sign Hadamard, size hidden), R2 (per head) and R4 (online, down_proj).
 
-    In place; returns `model`. down_proj becomes a `QLinear` with ``online_hadamard=True`` whose weight absorbed H.
+    In place; returns `model`. The mapping's online-Hadamard target (down_proj) becomes a `QLinear` with ``online_hadamard=True`` whose weight absorbed H.
     """
     adapter = adapter_for(model)
     fold_norms(model)
@@ -61,15 +61,15 @@ def rotate_model(model: nn.Module, seed: int = 0, *, head_rotation: bool = True)
     _set(embed.weight, embed.weight.double() @ r1.to(embed.weight.device))
     _rotate_readers([adapter.lm_head(model)], r1)
     _, _, head_dim = adapter.head_dims(model)
+    mapping = adapter.mapping
     for layer in adapter.layers(model):
-        block = adapter.block(layer)
-        _rotate_readers([block.q_proj, block.k_proj, block.v_proj, block.gate_proj, block.up_proj], r1)
-        _rotate_writers([block.o_proj, block.down_proj], r1)
+        _rotate_readers([layer.get_submodule(n) for n in mapping.residual_readers], r1)
+        _rotate_writers([layer.get_submodule(n) for n in mapping.residual_writers], r1)
         if head_rotation:
-            _rotate_heads(block.v_proj, block.o_proj, head_dim)
-        down = block.down_proj
+            _rotate_heads(*(layer.get_submodule(n) for n in mapping.head_rotation), head_dim)
+        down = layer.get_submodule(mapping.online_hadamard)
         h4 = hadamard_matrix(down.in_features, dtype=torch.float64, device=down.weight.device)
         _set(down.weight, down.weight.double() @ h4)
-        layer.mlp.down_proj = QLinear.from_linear(down, online_hadamard=True)
+        replace_module(layer, mapping.online_hadamard, QLinear.from_linear(down, online_hadamard=True))
     model.config.lsr_rotation = {"seed": seed, "head_rotation": head_rotation}
     return model

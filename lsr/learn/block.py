@@ -1,0 +1,174 @@
+"""Blockwise learning with Lightning: one `BlockModule` per decoder block, fitted by its own `Trainer`.
+
+The module wraps the block (frozen) and its learnable smoothing log-scales; a batch is ``(X, Y)`` (the block's
+inputs from the quantized prefix or the FP chain, and its FP outputs). The loss is the MSE (or relative error) of the
+fake-quantized block against ``Y``; gradients reach the log-scales through the straight-through quantizers. The
+optimizer, LR schedule, gradient clipping, precision, callbacks, loggers and progress bar are Lightning's own. After
+every epoch the whole calibration set is scored and the best log-scales so far are kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from contextlib import contextmanager
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Sampler, TensorDataset
+
+from lsr.pipeline.runner import Block
+from lsr.recipe import LearnStep
+
+
+class EpochSampler(Sampler[int]):
+    """A seeded permutation of the calibration windows, new each epoch (Lightning calls `set_epoch`)."""
+
+    def __init__(self, n: int, seed: int, block: int) -> None:
+        self.n, self.seed, self.block, self.epoch = n, seed, block, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.block * 1_009 + self.epoch)
+        return iter(torch.randperm(self.n, generator=gen).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class BlockModule(L.LightningModule):
+    """One decoder block and its learnable smoothing log-scales."""
+
+    def __init__(self, block: Block, step: LearnStep, *, step_offset: int = 0) -> None:
+        super().__init__()
+        self.block = block.layer.requires_grad_(False)
+        self.__dict__["walk"] = block  # the pipeline's view of this block (targets, inputs, quantizers): not a module
+        self.step_cfg = step
+        self.step_offset = step_offset
+        self.log_scales = nn.ParameterDict({p: nn.Parameter(t.detach().clone()) for p, t in block.log_scales.items()})
+        self.register_buffer("theta0", torch.cat([t.detach().flatten() for t in block.log_scales.values()]))
+        init = block.record.error_init * block.target_power
+        self.best_mse = init if math.isfinite(init) else block.mse(block.params())
+        self.best = {p: t.detach().clone() for p, t in block.log_scales.items()}
+        self.stopped_on_nonfinite = False
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(training loss, relative error) of the fake-quantized block on one batch."""
+        walk = self.walk
+        out = walk.forward(x, walk.params(dict(self.log_scales)), quantized=True)
+        mse = F.mse_loss(out, y)
+        relative = mse / y.pow(2).mean().clamp_min(1e-30)
+        return (relative if self.step_cfg.loss == "relative" else mse), relative
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        x, y = batch
+        loss, relative = self._loss(x, y)
+        if not torch.isfinite(loss):
+            self.restore_best(f"non-finite loss {loss.item()}")
+            self.trainer.should_stop = True
+            return None
+        lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+        self.log_dict({"train/relative_error": relative.detach(), "train/lr": lr,
+                       "step": float(self.step_offset + self.global_step)}, on_step=True, on_epoch=False,
+                      prog_bar=False, batch_size=x.shape[0])
+        self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, logger=False,
+                 batch_size=x.shape[0])
+        return loss
+
+    @torch.no_grad()
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Keep the log-scales within ``θ₀ ± band``."""
+        thetas = list(self.log_scales.values())
+        flat = torch.cat([t.flatten() for t in thetas])
+        band = self.step_cfg.band
+        flat = torch.maximum(torch.minimum(flat, self.theta0 + band), self.theta0 - band)
+        for t, chunk in zip(thetas, flat.split([t.numel() for t in thetas]), strict=True):
+            t.copy_(chunk.view_as(t))
+
+    @torch.no_grad()
+    def on_train_epoch_end(self) -> None:
+        """Score all calibration windows; remember the best log-scales."""
+        if self.stopped_on_nonfinite:
+            return
+        mse = self.walk.mse(self.walk.params(dict(self.log_scales)))
+        if math.isfinite(mse) and mse < self.best_mse:
+            self.best_mse, self.best = mse, {p: t.detach().clone() for p, t in self.log_scales.items()}
+
+    @torch.no_grad()
+    def restore_best(self, reason: str) -> None:
+        warnings.warn(f"block {self.walk.index}: {reason}; restoring its last good scales", stacklevel=2)
+        self.stopped_on_nonfinite = True
+        for p, t in self.log_scales.items():
+            t.copy_(self.best[p])
+
+    def configure_optimizers(self):
+        cfg = self.step_cfg
+        params = list(self.log_scales.parameters())
+        if cfg.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            optimizer = torch.optim.Adam(params, lr=cfg.lr)
+        if cfg.schedule == "constant":
+            return optimizer
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+@contextmanager
+def _quiet_lightning():
+    """Lightning announces its accelerators at every Trainer: once per block is noise."""
+    names = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+class LearnScales:
+    """The learning step as a pipeline hook: a Trainer fits each block's `BlockModule`.
+
+    Args:
+        step: the recipe's learn step.
+        seed: data-order seed.
+        trainer: keyword arguments of `lightning.Trainer` (accelerator, precision, gradient_clip_val, callbacks,
+            enable_progress_bar, limit_train_batches, ...); ``max_epochs`` comes from ``step.epochs``.
+        logger: a Lightning logger shared by all blocks (steps continue across blocks), or None.
+    """
+
+    def __init__(self, step: LearnStep, *, seed: int = 0, trainer: dict | None = None, logger: Any = None) -> None:
+        self.step, self.seed, self.logger = step, seed, logger
+        self.trainer_kwargs = dict(trainer or {})
+        for key in ("max_epochs", "logger", "max_steps"):
+            if key in self.trainer_kwargs:
+                raise ValueError(f"trainer.{key} is set by lsr (learn.epochs, the run's logger); remove it")
+        self.global_step = 0
+
+    def on_block(self, block: Block) -> None:
+        module = BlockModule(block, self.step, step_offset=self.global_step)
+        loader = DataLoader(TensorDataset(block.inputs, block.targets), batch_size=self.step.batch_size,
+                            sampler=EpochSampler(block.num_samples, self.seed, block.index))
+        kwargs = {"enable_checkpointing": False, "enable_model_summary": False, "num_sanity_val_steps": 0,
+                  "limit_val_batches": 0, "enable_progress_bar": False, **self.trainer_kwargs}
+        with _quiet_lightning(), warnings.catch_warnings():
+            for message in (".*does not have many workers.*", ".*returned `None`.*", ".*in eval mode.*",
+                            ".*LeafSpec.*", ".*log_every_n_steps.*"):
+                warnings.filterwarnings("ignore", message=message)
+            trainer = L.Trainer(max_epochs=self.step.epochs, logger=self.logger or False, **kwargs)
+            trainer.fit(module, train_dataloaders=loader)
+        block.layer.to(block.device)  # the strategy's teardown moves the module to CPU
+        self.global_step += trainer.global_step
+        block.log_scales = {p: t.cpu() for p, t in module.best.items()}
+        block.record.stopped_on_nonfinite = module.stopped_on_nonfinite
+        block.record.error_learned = block.relative(module.best_mse)

@@ -1,0 +1,162 @@
+"""Apply a recipe (or a refined checkpoint of one) to a model: the steps become hooks of one block pipeline.
+
+`apply_recipe` is the framework-free core of `lsr.quantize_`, `lsr fit` and `lsr export`: it leaves the model as
+the fake-quantized W4A4 model (rotated, smoothed, every decoder linear holding its dequantized int codes, activation
+quantizers on) and returns the codes the export writes. Learning is a hook supplied by `lsr.learn` (this module
+never imports the trainer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from lsr.checkpoint import Checkpoint, CheckpointWriter, load_checkpoint
+from lsr.models.adapter import adapter_for
+from lsr.pipeline.errors import LinearErrors
+from lsr.pipeline.runner import Block, BlockHook, BlockPipeline, BlockRecord
+from lsr.pipeline.smooth import FoldScales, SmoothInit
+from lsr.pipeline.weights import QuantizeWeights, rtn_weight, set_quantized
+from lsr.quant.weights import QuantizedWeight
+from lsr.recipe import Recipe
+from lsr.transforms.linear import qlinears, set_quantizers
+from lsr.transforms.prepare import to_qlinears
+from lsr.transforms.rotate import rotate_model
+from lsr.transforms.smooth import BlockGeometry, fold_scales
+
+
+@dataclass
+class QuantizedModel:
+    """A recipe applied: the fake-quant W4A4 model, the int codes of its decoder linears, per-block records."""
+
+    model: nn.Module
+    recipe: Recipe
+    weights: dict[str, QuantizedWeight] = field(default_factory=dict)  # "model.layers.{i}.{path}" -> codes
+    records: list[BlockRecord] = field(default_factory=list)
+    source: dict = field(default_factory=dict)
+
+
+def needs_calibration(recipe: Recipe) -> bool:
+    return recipe.smooth is not None or recipe.learn is not None or recipe.weights.method == "gptq"
+
+
+def prepare_model(model: nn.Module, recipe: Recipe) -> nn.Module:
+    """The exact float transforms of the recipe: rotations (``rotate``), then QLinears everywhere (in place)."""
+    if recipe.rotate is not None:
+        rotate_model(model, seed=recipe.rotate.seed)
+        del model.config.lsr_rotation
+    return to_qlinears(model)
+
+
+def recipe_hooks(recipe: Recipe, learner: BlockHook | None = None) -> list[BlockHook]:
+    """The recipe's steps as pipeline hooks, in order."""
+    if recipe.learn is not None and learner is None:
+        raise ValueError(f"recipe {recipe.name!r} learns its scales: use lsr.quantize_ or `lsr fit` (lsr.learn)")
+    hooks: list[BlockHook] = []
+    if recipe.smooth is not None:
+        hooks.append(SmoothInit(recipe.smooth, seed=recipe.seed))
+    if recipe.learn is not None:
+        hooks += [LinearErrors("init"), learner]
+    hooks += [FoldScales(), QuantizeWeights(recipe.weights), LinearErrors("final")]
+    return hooks
+
+
+class ReplayBlock:
+    """Resume: apply a finished block's saved scales and weights exactly as the first run left them."""
+
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        self.checkpoint = checkpoint
+
+    def on_block(self, block: Block) -> None:
+        block.log_scales = self.checkpoint.block_log_scales(block.index)
+        FoldScales().on_block(block)
+        saved = self.checkpoint.block_weights(block.index)
+        if saved is None:
+            QuantizeWeights(self.checkpoint.recipe.weights).on_block(block)
+        else:
+            for name, weight in saved.items():
+                set_quantized(block.layer.get_submodule(name), weight)
+            block.weights = saved
+        record = self.checkpoint.state["records"][block.index]
+        block.record = BlockRecord(**{**record, "init": "replayed"})
+
+
+def _collect(model: nn.Module, records_blocks: list[tuple[int, dict[str, QuantizedWeight]]]) -> dict:
+    layers = adapter_for(model).mapping.layers
+    return {f"{layers}.{i}.{name}": w for i, block in records_blocks for name, w in block.items()}
+
+
+def apply_recipe(
+    model: nn.Module, recipe: Recipe, windows: torch.Tensor | None = None, *, learner: BlockHook | None = None,
+    device: str | torch.device = "cpu", batch_size: int = 4, writer: CheckpointWriter | None = None,
+    resume: Checkpoint | None = None, log: Callable[[str], None] | None = print,
+    on_block_end: Callable[[Block], None] | None = None,
+) -> QuantizedModel:
+    """Apply `recipe` to `model` in place, block by block over calibration `windows` ``[n, seq_len]``.
+
+    `learner`: the learning hook (`lsr.learn.LearnScales`) when the recipe learns. `writer`: save a refined
+    checkpoint after every block; `resume`: a checkpoint of the same run whose finished blocks are replayed;
+    `on_block_end`: called with each finished block (reports).
+    Without `windows`, only a recipe that needs no calibration (rotations + RTN) can be applied.
+    """
+    model.eval()
+    prepare_model(model, recipe)
+    if windows is None:
+        if needs_calibration(recipe):
+            raise ValueError(f"recipe {recipe.name!r} needs calibration windows (smoothing, learning or GPTQ)")
+        weights = {name: rtn_weight(linear, recipe.weights.effective_spec)
+                   for name, linear in adapter_for(model).decoder_linears(model).items()}
+        for name, linear in adapter_for(model).decoder_linears(model).items():
+            set_quantized(linear, weights[name])
+        for linear in qlinears(model):
+            linear.act_quant = recipe.activations
+        return QuantizedModel(model, recipe, weights)
+    pipeline = BlockPipeline(model, windows, act=recipe.activations, weight=recipe.weights.spec, device=device,
+                             batch_size=batch_size, keep_quantized_inputs=recipe.inputs == "quantized", log=log)
+    blocks: list[tuple[int, dict[str, QuantizedWeight]]] = []
+
+    def block_done(block: Block) -> None:
+        blocks.append((block.index, block.weights))
+        if writer is not None and not (resume is not None and block.index < resume.completed_blocks):
+            writer.save_block(block.index, block.log_scales, block.weights, asdict(block.record))
+        if on_block_end is not None:
+            on_block_end(block)
+
+    records = pipeline.run(recipe_hooks(recipe, learner),
+                           replay=[ReplayBlock(resume)] if resume is not None else (),
+                           replay_blocks=resume.completed_blocks if resume is not None else 0,
+                           on_block_end=block_done)
+    return QuantizedModel(model, recipe, _collect(model, blocks), records)
+
+
+@torch.no_grad()
+def apply_checkpoint(model: nn.Module, checkpoint: str | Checkpoint) -> QuantizedModel:
+    """Rebuild the fake-quant W4A4 model a finished refined checkpoint describes, from the original `model`."""
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+    adapter = adapter_for(model)
+    layers = adapter.layers(model)
+    if ckpt.completed_blocks != len(layers) or not ckpt.complete:
+        raise ValueError(f"{ckpt.directory} holds {ckpt.completed_blocks} of {len(layers)} blocks: the run did not "
+                         "finish (resume it with the same `lsr fit` command)")
+    model.eval()
+    prepare_model(model, ckpt.recipe)
+    heads = adapter.head_dims(model)
+    blocks = []
+    for index, layer in enumerate(layers):
+        scales = {p: t.exp() for p, t in ckpt.block_log_scales(index).items()}
+        if scales:
+            fold_scales(layer, scales, BlockGeometry.of(layer, adapter.mapping, *heads))
+        saved = ckpt.block_weights(index)
+        if saved is None:
+            spec = ckpt.recipe.weights.effective_spec
+            saved = {name: rtn_weight(linear, spec) for name, linear in adapter.linears(layer).items()}
+        for name, weight in saved.items():
+            set_quantized(layer.get_submodule(name), weight)
+        blocks.append((index, saved))
+        set_quantizers(layer, ckpt.recipe.activations, None)
+    records = [BlockRecord(**r) for r in ckpt.state["records"]]
+    return QuantizedModel(model, ckpt.recipe, _collect(model, blocks), records,
+                          source={"model": ckpt.model, "refined": str(ckpt.directory)})

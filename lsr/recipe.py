@@ -1,0 +1,277 @@
+"""A recipe: the ordered steps that turn a float model into a W4A4 model, as small typed configs.
+
+    rotate -> smooth (statistics and init) -> learn -> quantize weights (rtn | gptq); activations per token
+
+A step set to ``None`` is not run. Presets (quarot, smoothrot, quantile, lsr and their ``-gptq`` variants) are named
+recipes, defined once in `PRESETS` and resolved by name with overrides (`Recipe.from_name`, litgpt's
+``Config.from_name`` idea); the resolved recipe is saved beside every refined checkpoint and export
+(`Recipe.to_dict` / `Recipe.from_dict`). Every value is checked when the config is built: a bad one raises a
+ValueError naming the field, the value and what is accepted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from typing import Any, Literal
+
+from lsr.models.adapter import SMOOTHING_POINTS
+from lsr.quant.rtn import QuantSpec
+
+
+def _check(ok: bool, name: str, value: Any, accepted: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r} is invalid: expected {accepted}")
+
+
+def _one_of(name: str, value: Any, choices: tuple) -> None:
+    _check(value in choices, name, value, "one of " + ", ".join(map(repr, choices)))
+
+
+@dataclass(frozen=True)
+class RotateStep:
+    """Fold the norms, then Hadamard rotations R1 (residual, random signs), R2 (per head), R4 (online, down_proj).
+
+    Args:
+        seed: seed of R1's random signs.
+    """
+
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SmoothStep:
+    """Per-channel smoothing scales before the rotations, initialised from activation statistics.
+
+    Args:
+        points: smoothing points of the architecture mapping (LLaMA: down, qkv, gateup, vo).
+        statistic: ``max`` (SmoothRot) or ``quantile`` of |x_j| over the calibration tokens.
+        quantile: the quantile p when ``statistic`` is ``quantile``.
+        alpha: migration strength in ``s = a^α / w^(1-α)``.
+        guard: per block, score the statistic's init, the max init and no scaling (s = 1) on the quantized block
+            error and start from the best (massive first-token activations make a low quantile far too small in some
+            blocks, and after the rotations some points need no scaling).
+    """
+
+    points: tuple[str, ...] = ("down", "qkv", "gateup", "vo")
+    statistic: Literal["max", "quantile"] = "quantile"
+    quantile: float = 0.999
+    alpha: float = 0.5
+    guard: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "points", tuple(self.points))
+        for point in self.points:
+            _one_of("smooth.points", point, SMOOTHING_POINTS)
+        _check(len(set(self.points)) == len(self.points), "smooth.points", list(self.points), "no repeated point")
+        _one_of("smooth.statistic", self.statistic, ("max", "quantile"))
+        _check(0.0 < self.quantile <= 1.0, "smooth.quantile", self.quantile, "a number in (0, 1]")
+        _check(0.0 <= self.alpha <= 1.0, "smooth.alpha", self.alpha, "a number in [0, 1]")
+
+
+@dataclass(frozen=True)
+class LearnStep:
+    """Train the smoothing log-scales block by block so the fake-quantized block reproduces its float outputs.
+
+    Args:
+        epochs: passes over the calibration windows per block.
+        lr: learning rate of the log-scales.
+        optimizer: ``adam`` or ``adamw``.
+        weight_decay: AdamW weight decay.
+        schedule: learning-rate schedule over a block's steps: ``constant`` or ``cosine`` (to zero).
+        loss: ``mse`` of the block outputs, or ``relative`` (``‖Yq − Y‖² / ‖Y‖²`` per batch).
+        band: the log-scales stay within ``θ₀ ± band`` of their init.
+        batch_size: calibration windows per optimisation step.
+    """
+
+    epochs: int = 2
+    lr: float = 1e-2
+    optimizer: Literal["adam", "adamw"] = "adam"
+    weight_decay: float = 0.0
+    schedule: Literal["constant", "cosine"] = "constant"
+    loss: Literal["mse", "relative"] = "mse"
+    band: float = 1.0
+    batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.epochs, int) and self.epochs >= 1, "learn.epochs", self.epochs, "an int >= 1")
+        _check(self.lr > 0, "learn.lr", self.lr, "a positive number")
+        _one_of("learn.optimizer", self.optimizer, ("adam", "adamw"))
+        _check(self.weight_decay >= 0, "learn.weight_decay", self.weight_decay, "a number >= 0")
+        _one_of("learn.schedule", self.schedule, ("constant", "cosine"))
+        _one_of("learn.loss", self.loss, ("mse", "relative"))
+        _check(self.band > 0, "learn.band", self.band, "a positive number")
+        _check(isinstance(self.batch_size, int) and self.batch_size >= 1, "learn.batch_size", self.batch_size,
+               "an int >= 1")
+
+
+@dataclass(frozen=True)
+class GPTQOptions:
+    """GPTQ settings (see `lsr.quant.gptq.gptq_quantize`).
+
+    Args:
+        damp: relative diagonal damping of the Hessian (× mean diag H).
+        act_order: quantize columns by descending Hessian diagonal.
+        block_size: lazy-batch width.
+        group_size: quantize in groups of this many input channels (``None``: one scale per output channel). Groups
+            work for fake quantization; the INT4 export holds one scale per output channel and refuses groups.
+        true_sequential: within a block quantize the mapping's GPTQ groups in order (q/k/v, o, gate/up, down),
+            re-running the block in between so each linear's Hessian comes from inputs after the quantized ones.
+    """
+
+    damp: float = 0.01
+    act_order: bool = False
+    block_size: int = 128
+    group_size: int | None = None
+    true_sequential: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.damp > 0, "weights.gptq.damp", self.damp, "a positive number")
+        _check(self.block_size >= 1, "weights.gptq.block_size", self.block_size, "an int >= 1")
+        _check(self.group_size is None or self.group_size >= 1, "weights.gptq.group_size", self.group_size,
+               "null or an int >= 1")
+
+
+def _default_weight_spec() -> QuantSpec:
+    return QuantSpec(bits=4, granularity="channel", clip_search=True)
+
+
+@dataclass(frozen=True)
+class WeightStep:
+    """Quantize the decoder linears' weights.
+
+    Args:
+        method: ``rtn`` (round to nearest) or ``gptq`` (second-order error feedback, on the inputs the quantized
+            prefix of the model produces, activation quantization on).
+        spec: the weight quantizer (default: 4 bit symmetric per output channel, MSE-searched clip ratio).
+        gptq: GPTQ options (``method: gptq``).
+    """
+
+    method: Literal["rtn", "gptq"] = "rtn"
+    spec: QuantSpec = field(default_factory=_default_weight_spec)
+    gptq: GPTQOptions = field(default_factory=GPTQOptions)
+
+    def __post_init__(self) -> None:
+        _one_of("weights.method", self.method, ("rtn", "gptq"))
+        if isinstance(self.spec, dict):
+            object.__setattr__(self, "spec", QuantSpec(**self.spec))
+        if isinstance(self.gptq, dict):
+            object.__setattr__(self, "gptq", GPTQOptions(**self.gptq))
+
+    @property
+    def effective_spec(self) -> QuantSpec:
+        """The spec GPTQ and RTN quantize with (GPTQ's group size applied)."""
+        if self.method == "gptq" and self.gptq.group_size is not None:
+            s = self.spec
+            return QuantSpec(s.bits, s.symmetric, "group", self.gptq.group_size, s.clip_ratio)
+        return self.spec
+
+
+def _default_act_spec() -> QuantSpec:
+    return QuantSpec(bits=4, granularity="token")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The steps of one W4A4 method, in the order they run. ``None`` skips a step.
+
+    Args:
+        name: the preset this recipe was resolved from (a label for reports; ``custom`` otherwise).
+        rotate: Hadamard rotations (QuaRot).
+        smooth: smoothing scales before the rotations (SmoothRot; needs ``rotate``).
+        learn: blockwise learning of the smoothing log-scales (needs ``smooth``).
+        weights: weight quantization.
+        activations: the activation quantizer on every decoder linear's input (per token).
+        inputs: block inputs for learning and GPTQ: from the ``quantized`` prefix of the model, or the ``fp`` chain.
+    """
+
+    name: str = "custom"
+    rotate: RotateStep | None = field(default_factory=RotateStep)
+    smooth: SmoothStep | None = None
+    learn: LearnStep | None = None
+    weights: WeightStep = field(default_factory=WeightStep)
+    activations: QuantSpec = field(default_factory=_default_act_spec)
+    inputs: Literal["quantized", "fp"] = "quantized"
+
+    def __post_init__(self) -> None:
+        for name, kind in (("rotate", RotateStep), ("smooth", SmoothStep), ("learn", LearnStep),
+                           ("weights", WeightStep), ("activations", QuantSpec)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                object.__setattr__(self, name, kind(**value))
+        _one_of("inputs", self.inputs, ("quantized", "fp"))
+        if self.smooth is not None and self.smooth.points and self.rotate is None:
+            raise ValueError("smooth needs rotate: the smoothing points act before the rotations")
+        if self.learn is not None and (self.smooth is None or not self.smooth.points):
+            raise ValueError("learn trains the smoothing scales: it needs a smooth step with at least one point")
+
+    @property
+    def seed(self) -> int:
+        return self.rotate.seed if self.rotate is not None else 0
+
+    def steps(self) -> list[tuple[str, Any]]:
+        """The steps that run, in order."""
+        names = ("rotate", "smooth", "learn", "weights")
+        return [(n, getattr(self, n)) for n in names if getattr(self, n) is not None]
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> Recipe:
+        """A preset by name, with overrides (nested steps as dicts merge into the preset's)."""
+        if name not in PRESETS:
+            raise ValueError(f"recipe {name!r} is not a preset: choose one of {', '.join(PRESETS)}")
+        return merge(PRESETS[name], overrides)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        if data["smooth"] is not None:
+            data["smooth"]["points"] = list(data["smooth"]["points"])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Recipe:
+        """Inverse of `to_dict`; unknown keys are refused with their names."""
+        return _build(cls, data, "")
+
+
+def _build(kind: type, data: Any, prefix: str) -> Any:
+    if data is None or not is_dataclass(kind) or not isinstance(data, dict):
+        return data
+    known = {f.name: f for f in fields(kind)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"unknown recipe field {prefix}{unknown[0]!r}; {kind.__name__} has {', '.join(known)}")
+    step_types = {"rotate": RotateStep, "smooth": SmoothStep, "learn": LearnStep, "weights": WeightStep,
+                  "activations": QuantSpec, "spec": QuantSpec, "gptq": GPTQOptions}
+    values = {k: _build(step_types.get(k, type(None)), v, f"{prefix}{k}.") for k, v in data.items()}
+    return kind(**values)
+
+
+def merge(base: Any, overrides: dict) -> Any:
+    """`base` (a dataclass) with `overrides` applied; a dict override of a dataclass field merges recursively, a
+    dict for a step that is ``None`` in `base` starts from that step's defaults."""
+    if not overrides:
+        return base
+    step_types = {"rotate": RotateStep, "smooth": SmoothStep, "learn": LearnStep, "weights": WeightStep,
+                  "activations": QuantSpec, "spec": QuantSpec, "gptq": GPTQOptions}
+    known = {f.name for f in fields(base)}
+    changes = {}
+    for key, value in overrides.items():
+        if key not in known:
+            raise ValueError(f"unknown recipe field {key!r}; {type(base).__name__} has {', '.join(sorted(known))}")
+        current = getattr(base, key)
+        if isinstance(value, dict):
+            start = current if current is not None else step_types[key]()
+            value = merge(start, value)
+        changes[key] = value
+    return replace(base, **changes)
+
+
+_LSR_SMOOTH = SmoothStep()
+PRESETS: dict[str, Recipe] = {
+    "quarot": Recipe(name="quarot"),
+    "smoothrot": Recipe(name="smoothrot", smooth=SmoothStep(points=("down",), statistic="max", guard=False)),
+    "quantile": Recipe(name="quantile", smooth=_LSR_SMOOTH),
+    "lsr": Recipe(name="lsr", smooth=_LSR_SMOOTH, learn=LearnStep()),
+}
+for _name in list(PRESETS):
+    PRESETS[f"{_name}-gptq"] = replace(PRESETS[_name], name=f"{_name}-gptq", weights=WeightStep(method="gptq"))
+del _name
