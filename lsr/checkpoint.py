@@ -88,7 +88,8 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
     directory = Path(directory).expanduser()
     paths = [directory / f for f in (STATE_FILE, RECIPE_FILE, SCALES_FILE)]
     if not all(p.is_file() for p in paths):
-        raise FileNotFoundError(f"{directory} is not an lsr refined checkpoint (needs {', '.join(p.name for p in paths)})")
+        needs = ", ".join(p.name for p in paths)
+        raise FileNotFoundError(f"{directory} is not an lsr refined checkpoint (needs {needs})")
     try:
         state = json.loads(paths[0].read_text())
         recipe = Recipe.from_dict(json.loads(paths[1].read_text()))

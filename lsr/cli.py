@@ -13,7 +13,7 @@ Bad values end in one line naming the field, the value and what is accepted.
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, fields, is_dataclass
+from dataclasses import fields, is_dataclass
 from typing import Any, Literal
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
@@ -40,9 +40,9 @@ def _trainer_arguments(parser: ArgumentParser) -> None:
 
 
 def _run_arguments(parser: ArgumentParser, recipe: Recipe, *, train: bool) -> None:
-    parser.add_dataclass_arguments(ModelConfig, "model")
-    parser.add_dataclass_arguments(Recipe, "recipe", default=recipe)
-    parser.add_dataclass_arguments(DataConfig, "data")
+    parser.add_class_arguments(ModelConfig, "model")
+    parser.add_class_arguments(Recipe, "recipe", default=recipe)
+    parser.add_class_arguments(DataConfig, "data")
     parser.add_argument("--output_dir", type=str, default="runs/smollm2-lsr",
                         help="the refined checkpoint and its report (a killed run resumes here)")
     parser.add_argument("--batch_size", type=int, default=4, help="calibration windows per forward pass")
@@ -57,22 +57,22 @@ def _subparser(command: str, recipe: Recipe) -> ArgumentParser:
     if command in ("fit", "run"):
         _run_arguments(p, recipe, train=True)
     if command == "run":
-        p.add_dataclass_arguments(ExportConfig, "export")
+        p.add_class_arguments(ExportConfig, "export")
         p.add_argument("--export_dir", type=str | None, default=None, help="default: OUTPUT_DIR/int4")
-    if command == "validate":
-        _run_arguments(p, recipe, train=False)
+    if command == "validate":  # accepts the fit config whole (trainer settings are not used)
+        _run_arguments(p, recipe, train=True)
         p.add_argument("--variant", type=Variant, default="fp",
                        help="fp, rotated (exact: same perplexity) or fake_quant (the refined checkpoint in output_dir)")
     if command == "export":
         p.add_argument("source", type=str, help="refined checkpoint directory (lsr fit output) or model name/path")
         p.add_argument("out_dir", type=str, help="output directory (refused if it exists, unless overwrite)")
-        p.add_dataclass_arguments(Recipe, "recipe", default=recipe)
-        p.add_dataclass_arguments(DataConfig, "data", default=DataConfig(seq_len=512, num_calibration=16))
-        p.add_dataclass_arguments(ExportConfig, "export")
+        p.add_class_arguments(Recipe, "recipe", default=recipe)
+        p.add_class_arguments(DataConfig, "data", default=DataConfig(seq_len=512, num_calibration=16))
+        p.add_class_arguments(ExportConfig, "export")
         p.add_argument("--batch_size", type=int, default=4)
     if command == "eval":
         p.add_argument("path", type=str, help="directory written by `lsr export`")
-        p.add_dataclass_arguments(DataConfig, "data", default=DataConfig(seq_len=512, max_eval_windows=32))
+        p.add_class_arguments(DataConfig, "data", default=DataConfig(seq_len=512, max_eval_windows=32))
         p.add_argument("--backend", type=Backend, default="auto")
         p.add_argument("--device", type=str, default="cpu")
         p.add_argument("--tasks", type=str, default="", help="comma-separated lm-eval tasks (needs lm-eval)")
@@ -117,7 +117,7 @@ def parse(argv: list[str]) -> tuple[str, dict]:
     return command, _to_plain(cfg[command])
 
 
-def _build(kind: type, data: dict | None) -> Any:
+def build_config(kind: type, data: dict | None) -> Any:
     """A dataclass from parsed values (recursively; checks run in ``__post_init__``)."""
     if data is None:
         return None
@@ -127,18 +127,17 @@ def _build(kind: type, data: dict | None) -> Any:
     for f in fields(kind):
         if f.name in data:
             v = data[f.name]
-            values[f.name] = _build(f.type, v) if is_dataclass(f.type) and isinstance(v, dict) else v
+            values[f.name] = build_config(f.type, v) if is_dataclass(f.type) and isinstance(v, dict) else v
     return kind(**values)
 
 
-def _trainer_kwargs(cfg: dict) -> dict:
+def trainer_kwargs(cfg: dict) -> dict:
     """Trainer arguments that differ from Trainer's defaults, callbacks instantiated."""
     trainer = dict(cfg.get("trainer") or {})
     if trainer.get("callbacks"):
-        from jsonargparse import ArgumentParser as _P
         from lightning import Callback
 
-        p = _P()
+        p = ArgumentParser()
         p.add_argument("--callbacks", type=list[Callback] | None)
         trainer["callbacks"] = p.instantiate_classes(p.parse_object({"callbacks": trainer["callbacks"]})).callbacks
     import inspect
@@ -157,16 +156,12 @@ def main(argv: list[str] | None = None) -> None:
         from lsr import commands
 
         getattr(commands, command)(
-            cfg, model=_build(ModelConfig, cfg.get("model")), recipe=_build(Recipe, cfg.get("recipe")),
-            data=_build(DataConfig, cfg.get("data")), export=_build(ExportConfig, cfg.get("export")),
-            trainer=_trainer_kwargs(cfg) if command in ("fit", "run") else None,
+            cfg, model=build_config(ModelConfig, cfg.get("model")), recipe=build_config(Recipe, cfg.get("recipe")),
+            data=build_config(DataConfig, cfg.get("data")), export=build_config(ExportConfig, cfg.get("export")),
+            trainer=trainer_kwargs(cfg) if command in ("fit", "run") else None,
         )
     except (ValueError, FileExistsError, FileNotFoundError, ModuleNotFoundError) as err:
         raise SystemExit(f"lsr {command}: error: {err}") from None
-
-
-def config_dict(recipe: Recipe) -> dict:
-    return asdict(recipe)
 
 
 if __name__ == "__main__":

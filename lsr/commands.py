@@ -72,7 +72,7 @@ def run(cfg: dict, *, model: ModelConfig, recipe: Recipe, data: DataConfig, expo
     print(f"[3/4] INT4 export -> {export_dir}", flush=True)
     start = time.perf_counter()
     write_export(result, export_dir, export.with_overrides(overwrite=True), tokenizer)
-    print(f"[4/4] reload the INT4 export and evaluate", flush=True)
+    print("[4/4] reload the INT4 export and evaluate", flush=True)
     int4 = load_quantized(export_dir, backend="reference")
     int4_ppl = perplexity(int4, windows, batch_size=data.batch_size, log=print, label="INT4 perplexity")
     rows.append((f"W4A4 INT4 export, reloaded ({recipe.name})", int4_ppl, time.perf_counter() - start))

@@ -242,6 +242,11 @@ def _build(kind: type, data: Any, prefix: str) -> Any:
     step_types = {"rotate": RotateStep, "smooth": SmoothStep, "learn": LearnStep, "weights": WeightStep,
                   "activations": QuantSpec, "spec": QuantSpec, "gptq": GPTQOptions}
     values = {k: _build(step_types.get(k, type(None)), v, f"{prefix}{k}.") for k, v in data.items()}
+    if kind is QuantSpec:
+        try:
+            return kind(**values)
+        except ValueError as err:
+            raise ValueError(f"recipe.{prefix.rstrip('.')}: {err}") from None
     return kind(**values)
 
 

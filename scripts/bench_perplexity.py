@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from lsr.data.module import LsrDataModule
-from lsr.export.evaluate import perplexity
+from lsr.data.config import DataConfig
+from lsr.metrics import perplexity
 from lsr.models import load_model
 from lsr.transforms import rotate_model
 
@@ -32,8 +32,8 @@ def main() -> None:
     args = parser.parse_args()
 
     model, tokenizer = load_model(args.model)
-    data = LsrDataModule(tokenizer, source=args.source, seq_len=args.seq_len, max_eval_windows=args.max_windows)
-    windows = data.eval_windows()
+    data = DataConfig(source=args.source, seq_len=args.seq_len, max_eval_windows=args.max_windows)
+    windows = data.eval_windows(tokenizer)
     rows = []
     variants = ["FP32 (dequantized GGUF)" if args.model == "smollm2" else "FP32"]
     if args.rotated:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from lsr.cli import _build, _trainer_kwargs, parse
+from lsr.cli import build_config, parse, trainer_kwargs
 from lsr.data.config import DataConfig
 from lsr.learn import fit
 from lsr.learn.report import block_error_curves, full_layer_mean_error, plot_block_errors
@@ -38,8 +38,8 @@ def main() -> None:
     rest = [r for r in rest if r != "--"]
 
     _, cfg = parse(["fit", "--config", args.config, *rest])
-    model, data = _build(ModelConfig, cfg["model"]), _build(DataConfig, cfg["data"])
-    trainer = _trainer_kwargs(cfg)
+    model, data = build_config(ModelConfig, cfg["model"]), build_config(DataConfig, cfg["data"])
+    trainer = trainer_kwargs(cfg)
     rows, curves = [], {}
     fp_ppl = float("nan")
     for name in args.recipes:
@@ -50,7 +50,7 @@ def main() -> None:
             rows.append({"recipe": "FP", "ppl": fp_ppl, "error": float("nan"), "seconds": time.perf_counter() - start})
             print(f"FP: ppl {fp_ppl:.3f}", flush=True)
             continue
-        recipe = _build(Recipe, cfg["recipe"]) if name == cfg["recipe"]["name"] else Recipe.from_name(name)
+        recipe = build_config(Recipe, cfg["recipe"]) if name == cfg["recipe"]["name"] else Recipe.from_name(name)
         result, tokenizer = fit(model, recipe, data, Path(args.runs) / name, batch_size=cfg["batch_size"],
                                 trainer=trainer, log_dir=str(Path("lightning_logs") / "compare"))
         ppl = perplexity(result.model, data.eval_windows(tokenizer), batch_size=data.batch_size)

@@ -1,9 +1,9 @@
 """Real INT4 export of the embedded SmolLM2: bytes on disk and perplexity of the reloaded model vs fake quant.
 
-    python scripts/export_sizes.py [--refined runs/smollm2-lsr] [--no_gptq] [--seq_len 512] [--eval_windows 32]
+    python scripts/export_sizes.py [--sources runs/smollm2-lsr quarot quarot-gptq] [--seq_len 512] [--eval_windows 32]
 
-Exports the refined checkpoint (`lsr fit --config configs/smollm2.yaml`; method quarot on the plain model if it is
-absent) with RTN and GPTQ weights, each with 16-bit and with int8 embeddings/lm_head, and prints one table:
+Exports each source (a refined checkpoint of `lsr fit`, or a preset recipe without learning applied to the plain
+model), each with 16-bit and with int8 embeddings/lm_head, and prints one table:
 decoder-linear bytes vs FP16 (target <= 0.27x), whole directory vs the FP16 model directory, perplexity of the
 reloaded INT4 model (integer reference runtime) vs the fake-quant twin of the same settings (target diff < 0.5 %),
 and the cost of the int8 embeddings. Also measures the numerical noise floor of the fake-quant model (the same twin
@@ -22,12 +22,13 @@ from pathlib import Path
 
 import torch
 
-from lsr.data.module import LsrDataModule
-from lsr.export import CalibrationData, ExportConfig, fake_quant_twin, load_quantized, prepare_export, write_export
-from lsr.export.evaluate import perplexity
-from lsr.export.prepare import calibration_windows, is_refined_dir
+from lsr.checkpoint import is_checkpoint
+from lsr.data.config import DataConfig
+from lsr.export import ExportConfig, load_quantized, prepare_export, round_like_export, write_export
 from lsr.export.sizes import directory_bytes, size_report
-from lsr.models import load_model, load_tokenizer
+from lsr.metrics import perplexity
+from lsr.models import adapter_for, load_model, load_tokenizer
+from lsr.pipeline import Block, BlockPipeline
 
 MIB = 2**20
 
@@ -39,25 +40,33 @@ def _ppl(model, windows, batch_size: int, label: str) -> float:
     return value
 
 
+class _Agreement:
+    """Teacher-forced: block i of the INT4 model gets the fake-quant twin's input to block i (the pipeline's FP chain
+    of the twin); the largest relative output difference, without the chaos of a 30-block W4A4 chain."""
+
+    def __init__(self, int4) -> None:
+        self.layers, self.worst = adapter_for(int4).layers(int4), 0.0
+
+    def on_block(self, block: Block) -> None:
+        x = block.x_fp.to(block.device)
+        y_twin = block.forward(x, quantized=True, weights_ready=True)
+        kwargs = {"position_embeddings": block.pipeline.position_embeddings, "attention_mask": None}
+        y_int4 = self.layers[block.index](x, **kwargs)
+        y_int4 = y_int4[0] if isinstance(y_int4, tuple) else y_int4
+        self.worst = max(self.worst, ((y_twin - y_int4).norm() / y_twin.norm()).item())
+
+
 @torch.no_grad()
-def _block_agreement(twin, int4, window: torch.Tensor) -> float:
-    """Teacher-forced: every decoder block of both models gets the twin's input to that block; the largest relative
-    output difference (the two implementations compared without the chaos of a 30-block W4A4 chain)."""
-    hidden = twin(window[None], output_hidden_states=True).hidden_states
-    positions = torch.arange(window.shape[0])[None]
-    worst = 0.0
-    for i, (layer_t, layer_m) in enumerate(zip(twin.model.layers, int4.model.layers, strict=True)):
-        x = hidden[i]
-        kwargs = {"position_embeddings": twin.model.rotary_emb(x, positions), "attention_mask": None}
-        y_t, y_m = layer_t(x, **kwargs), layer_m(x, **kwargs)
-        worst = max(worst, ((y_t - y_m).norm() / y_t.norm()).item())
-    return worst
+def _block_agreement(twin, int4, window: torch.Tensor, act) -> float:
+    agreement = _Agreement(int4)
+    BlockPipeline(twin, window[None], act=act, weight=act, keep_quantized_inputs=False, log=None).run([agreement])
+    return agreement.worst
 
 
 @torch.no_grad()
 def _perturbed_ppl(twin, windows, batch_size: int, seed: int) -> float:
     """Perplexity of the fake-quant twin with its embedding table multiplied by (1 ± 2^-23) (one float32 ulp)."""
-    weight = twin.model.embed_tokens.weight
+    weight = adapter_for(twin).embeddings(twin).weight
     original = weight.detach().clone()
     signs = torch.randint(0, 2, weight.shape, generator=torch.Generator().manual_seed(seed)).float() * 2 - 1
     weight.mul_(1 + signs * 2.0**-23)
@@ -74,44 +83,47 @@ def _fp16_directory(model_name: str, work: Path, windows, batch_size: int) -> di
     target = work / "fp16"
     model.half().save_pretrained(target)
     tokenizer.save_pretrained(target)
-    linears = sum(m.weight.numel() for layer in model.model.layers for m in layer.modules()
-                  if isinstance(m, torch.nn.Linear))
+    linears = sum(m.weight.numel() for m in adapter_for(model).decoder_linears(model).values())
     return {"directory_bytes": directory_bytes(target), "decoder_linear_bytes": 2 * linears, "ppl_fp32": ppl,
             "tied_embeddings": bool(model.config.tie_word_embeddings)}
 
 
-def _variant(source: str, quantizer: str, work: Path, windows, calib, args) -> list[dict]:
-    print(f"[{quantizer}] preparing (rotations, scales, {quantizer} weights)", flush=True)
-    data = CalibrationData(source=args.data_source, seq_len=args.seq_len, num_calibration=args.num_calibration)
-    config = ExportConfig(weight_quantizer=quantizer, data=data, overwrite=True)
+def _variant(source: str, work: Path, windows, calib, tokenizer, args) -> list[dict]:
+    print(f"[{source}] preparing (rotations, scales, weights)", flush=True)
+    config = ExportConfig(overwrite=True)
     config8 = config.with_overrides(embeddings_8bit=True)
     start = time.perf_counter()
-    prepared = prepare_export(source, config, calibration=calib if quantizer == "gptq" else None)
+    if is_checkpoint(source):
+        prepared, tokenizer = prepare_export(source)
+    else:
+        model, _ = load_model(args.model)
+        prepared, _ = prepare_export(model, source, calibration=calib, tokenizer=tokenizer)
     prep_s = time.perf_counter() - start
-    paths = {False: work / quantizer, True: work / f"{quantizer}-emb8"}
-    write_export(prepared, paths[False], config)
-    write_export(prepared, paths[True], config8)
-    twin = fake_quant_twin(prepared, config)
-    del prepared
-    fake = _ppl(twin, windows, args.batch_size, f"{quantizer} fake-quant twin (float32)")
+    label = prepared.recipe.name
+    paths = {False: work / label, True: work / f"{label}-emb8"}
+    write_export(prepared, paths[False], config, tokenizer)
+    write_export(prepared, paths[True], config8, tokenizer)
+    twin = round_like_export(prepared.model, config)
+    act = prepared.recipe.activations
+    fake = _ppl(twin, windows, args.batch_size, f"{label} fake-quant twin (float32)")
     noise = [_perturbed_ppl(twin, windows, args.batch_size, seed) for seed in range(args.noise_samples)]
     if noise:
-        print(f"  {quantizer} fake-quant twin, embeddings × (1 ± 1 ulp), {len(noise)} seeds: "
+        print(f"  {label} fake-quant twin, embeddings × (1 ± 1 ulp), {len(noise)} seeds: "
               + ", ".join(f"{v:.3f}" for v in noise), flush=True)
     rows = []
     for emb8, path in paths.items():
         model = load_quantized(path, backend="reference")
-        ppl = _ppl(model, windows, args.batch_size, f"{quantizer} INT4 reloaded{' (int8 embeddings)' if emb8 else ''}")
-        agreement = None if emb8 else _block_agreement(twin, model, windows[0])
+        ppl = _ppl(model, windows, args.batch_size, f"{label} INT4 reloaded{' (int8 embeddings)' if emb8 else ''}")
+        agreement = None if emb8 else _block_agreement(twin, model, windows[0], act)
         if agreement is not None:
-            print(f"  {quantizer} teacher-forced block agreement: max relative difference {agreement:.2e}")
+            print(f"  {label} teacher-forced block agreement: max relative difference {agreement:.2e}")
         del model
         gc.collect()
-        rows.append({"quantizer": quantizer, "embeddings_8bit": emb8, "sizes": size_report(path),
+        rows.append({"quantizer": label, "embeddings_8bit": emb8, "sizes": size_report(path),
                      "ppl_int4": ppl, "ppl_fake_quant": None if emb8 else fake,
                      "ppl_fake_quant_perturbed": None if emb8 else noise,
                      "block_max_rel_diff": agreement, "prepare_s": prep_s})
-    del twin
+    del twin, prepared
     gc.collect()
     return rows
 
@@ -125,7 +137,7 @@ def _table(rows: list[dict], fp16: dict) -> str:
     base = {r["quantizer"]: r["ppl_int4"] for r in rows if not r["embeddings_8bit"]}
     for r in rows:
         s = r["sizes"]
-        name = r["quantizer"].upper() + (" + int8 emb/lm_head" if r["embeddings_8bit"] else " (16-bit emb/lm_head)")
+        name = r["quantizer"] + (" + int8 emb/lm_head" if r["embeddings_8bit"] else " (16-bit emb/lm_head)")
         fake = r["ppl_fake_quant"]
         delta = f"{100 * (r['ppl_int4'] - fake) / fake:+.2f} %" if fake else "—"
         emb = f"{100 * (r['ppl_int4'] - base[r['quantizer']]) / base[r['quantizer']]:+.2f} %" \
@@ -146,9 +158,9 @@ def _table(rows: list[dict], fp16: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--refined", default="runs/smollm2-lsr")
-    p.add_argument("--model", default="smollm2")
-    p.add_argument("--no_gptq", action="store_true")
+    p.add_argument("--sources", nargs="+", default=["quarot", "quarot-gptq"],
+                   help="refined checkpoint directories and/or preset recipes without learning")
+    p.add_argument("--model", default="smollm2", help="the plain model the preset recipes are applied to")
     p.add_argument("--data_source", default="embedded-wiki")
     p.add_argument("--seq_len", type=int, default=512)
     p.add_argument("--eval_windows", type=int, default=32)
@@ -161,29 +173,21 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(0)
 
-    refined = Path(args.refined)
-    if is_refined_dir(refined):
-        source, note = str(refined), f"refined checkpoint {refined}"
-    else:
-        source, note = args.model, f"no refined checkpoint at {refined}: method quarot (rotations only) on {args.model}"
-    settings = {"source": note, "data": args.data_source, "seq_len": args.seq_len, "eval_windows": args.eval_windows,
-                "gptq_calibration_windows": args.num_calibration, "runtime": "lsr.kernels reference backend (CPU)",
-                "torch_threads": torch.get_num_threads()}
+    settings = {"sources": args.sources, "data": args.data_source, "seq_len": args.seq_len,
+                "eval_windows": args.eval_windows, "calibration_windows": args.num_calibration,
+                "runtime": "lsr.kernels reference backend (CPU)", "torch_threads": torch.get_num_threads()}
     print("settings:", json.dumps(settings), flush=True)
     tokenizer = load_tokenizer(args.model)
-    windows = LsrDataModule(tokenizer, source=args.data_source, seq_len=args.seq_len,
-                            max_eval_windows=args.eval_windows).eval_windows()
+    data = DataConfig(source=args.data_source, seq_len=args.seq_len, num_calibration=args.num_calibration,
+                      max_eval_windows=args.eval_windows)
+    windows = data.eval_windows(tokenizer)
     settings["eval_windows"] = int(windows.shape[0])
-    quantizers = ["rtn"] + ([] if args.no_gptq else ["gptq"])
-    calib = None
-    if "gptq" in quantizers:
-        data = CalibrationData(source=args.data_source, seq_len=args.seq_len, num_calibration=args.num_calibration)
-        calib = calibration_windows(tokenizer, ExportConfig(data=data))
+    calib = data.calibration_windows(tokenizer)
     with tempfile.TemporaryDirectory(prefix="lsr-export-sizes-") as tmp:
         work = Path(args.work_dir) if args.work_dir else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         fp16 = _fp16_directory(args.model, work, windows, args.batch_size)
-        rows = [row for q in quantizers for row in _variant(source, q, work, windows, calib, args)]
+        rows = [row for source in args.sources for row in _variant(source, work, windows, calib, tokenizer, args)]
     table = _table(rows, fp16)
     floor = (
         "Δ INT4 vs fake: perplexity of the reloaded INT4 model (integer products, lsr.kernels reference backend) "
@@ -197,7 +201,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"settings": settings, "fp16": fp16, "variants": rows}, indent=2))
-    md = [f"# INT4 export of SmolLM2-135M ({note})", "",
+    md = [f"# INT4 export of {args.model} ({', '.join(args.sources)})", "",
           "Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items() if k != "source"), "", table, ""]
     if floor:
         md += [floor, ""]

@@ -60,3 +60,31 @@ def tiny(request) -> torch.nn.Module:
 @pytest.fixture
 def tiny_ids() -> torch.Tensor:
     return torch.randint(0, TINY["vocab_size"], (2, 32), generator=torch.Generator().manual_seed(1))
+
+
+def tiny_tokenizer():
+    """A WordLevel tokenizer over TINY's vocabulary: ``[UNK]`` and the words ``w1 .. w95``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, TINY["vocab_size"])}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]")
+
+
+def save_tiny(directory, kind: str = "llama", words: int = 4000) -> tuple:
+    """Save tiny_model(kind) and `tiny_tokenizer` as an HF directory ``directory/tiny`` and a text file of `words`
+    seeded random words ``directory/text.txt`` in paragraphs; returns (model dir, text file)."""
+    from pathlib import Path
+
+    directory = Path(directory)
+    model_dir = directory / "tiny"
+    tiny_model(kind).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, TINY["vocab_size"], (words,), generator=gen).tolist()
+    paragraphs = [" ".join(f"w{i}" for i in ids[k : k + 50]) for k in range(0, words, 50)]
+    text = directory / "text.txt"
+    text.write_text("\n\n".join(paragraphs) + "\n")
+    return model_dir, text

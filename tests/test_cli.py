@@ -1,132 +1,283 @@
-"""The `lsr` CLI: every shipped YAML parses through the real LightningCLI; fit resumes after a crash."""
+"""The `lsr` CLI and the refined checkpoint: every shipped YAML parses, recipe configs are the presets, bad values end
+in one line, fit -> validate -> export -> eval on a tiny saved model, resume after a crash, checkpoint reload."""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader
 
-from lsr.cli import build_cli, main
-from lsr.learn.method import PRESETS
-from lsr.learn.module import LsrModule
-from tests.conftest import TINY, tiny_model
+from lsr.checkpoint import load_checkpoint
+from lsr.cli import build_config, main, parse
+from lsr.data.config import DataConfig
+from lsr.learn import LearnScales
+from lsr.learn import fit as fit_recipe
+from lsr.models import load_model
+from lsr.models.loading import ModelConfig
+from lsr.pipeline import apply_checkpoint
+from lsr.recipe import PRESETS, Recipe
+from tests.conftest import TINY, save_tiny
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+RECIPE_CONFIGS = sorted((CONFIGS / "recipes").glob("*.yaml"))
+IDS = torch.randint(0, TINY["vocab_size"], (2, 32), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
-def test_every_model_config_parses(path, capsys):
+# ----------------------------------------------------------------------------------------------- configs
+MODEL_CONFIGS = [[CONFIGS / "smollm2.yaml"], [CONFIGS / "llama3.yaml"]]
+
+
+@pytest.mark.parametrize("command, configs", [("fit", c) for c in MODEL_CONFIGS]
+                         + [("fit", [CONFIGS / "smollm2.yaml", p]) for p in RECIPE_CONFIGS]
+                         + [(command, c) for command in ("run", "validate") for c in MODEL_CONFIGS],
+                         ids=lambda v: "+".join(p.name for p in v) if isinstance(v, list) else v)
+def test_every_config_parses(command, configs):
+    """Every shipped YAML (recipes after smollm2.yaml); the model configs for every subcommand their docs name."""
+    argv = [command] + [a for p in configs for a in ("--config", str(p))]
+    parsed, cfg = parse(argv)
+    assert parsed == command
+    model, data = build_config(ModelConfig, cfg["model"]), build_config(DataConfig, cfg["data"])
+    recipe = build_config(Recipe, cfg["recipe"])
+    assert model.name and data.seq_len >= 2 and isinstance(recipe, Recipe)
+    assert recipe.name in PRESETS and cfg["output_dir"]
+    if command != "validate":
+        assert cfg["trainer"]["accelerator"] in ("cpu", "gpu")
+
+
+def test_print_config(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(path), "--print_config"])
+        main(["fit", "--config", str(CONFIGS / "smollm2.yaml"), "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
-    assert "model:" in printed and "data:" in printed
+    assert "model:" in printed and "data:" in printed and "recipe:" in printed and "trainer:" in printed
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
-def test_method_configs_match_the_presets(name):
-    cli = build_cli(["--config", str(CONFIGS / "smollm2.yaml"), "--config", str(CONFIGS / "methods" / f"{name}.yaml")],
-                    run=False)
-    method, expected = cli.model.method, PRESETS[name]
-    for field in ("name", "rotate", "points", "statistic", "guard", "learn"):
-        assert getattr(method, field) == getattr(expected, field), field
+def test_shipped_recipe_configs_cover_the_base_presets():
+    assert {p.stem for p in RECIPE_CONFIGS} >= {"quarot", "smoothrot", "quantile", "lsr"}
+    assert {p.stem for p in RECIPE_CONFIGS} <= set(PRESETS)
 
 
-def test_bad_config_values_are_refused(capsys):
-    with pytest.raises((SystemExit, ValueError)) as info:
-        build_cli(["--config", str(CONFIGS / "smollm2.yaml"), "--model.method.alpha", "2.0"], run=False)
-    assert "alpha must be in [0, 1], got 2.0" in str(info.value) + capsys.readouterr().err
+@pytest.mark.parametrize("path", RECIPE_CONFIGS, ids=lambda p: p.stem)
+def test_recipe_configs_are_exactly_the_presets(path):
+    _, cfg = parse(["fit", "--config", str(CONFIGS / "smollm2.yaml"), "--config", str(path)])
+    assert Recipe.from_dict(cfg["recipe"]) == PRESETS[path.stem]
+    assert build_config(Recipe, cfg["recipe"]) == PRESETS[path.stem]
 
 
-class RandomWindows(L.LightningDataModule):
-    """Calibration windows of random token ids (no tokenizer needed)."""
-
-    def __init__(self, n: int = 8, seq_len: int = 16) -> None:
-        super().__init__()
-        self.source, self.seq_len, self.num_calibration, self.seed = "random", seq_len, n, 0
-        gen = torch.Generator().manual_seed(0)
-        self.windows = torch.randint(0, TINY["vocab_size"], (n, seq_len), generator=gen)
-
-    def calibration_windows(self) -> torch.Tensor:
-        return self.windows
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.windows, batch_size=4)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.windows, batch_size=4)
+def test_llama3_config_overrides_the_preset():
+    _, cfg = parse(["fit", "--config", str(CONFIGS / "llama3.yaml")])
+    recipe = build_config(Recipe, cfg["recipe"])
+    assert recipe == Recipe.from_name("lsr", learn={"epochs": 10, "lr": 0.01, "schedule": "cosine", "batch_size": 4})
 
 
-class Crash(L.Callback):
-    """Kill the run when block `at` is about to start."""
-
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_train_epoch_start(self, trainer, module) -> None:
-        if module.engine.block == self.at:
-            raise RuntimeError("simulated crash")
+def test_command_line_overrides_a_preset():
+    _, cfg = parse(["fit", "--config", str(CONFIGS / "smollm2.yaml"), "--recipe.name", "quarot-gptq",
+                    "--recipe.weights.gptq.damp", "0.05", "--recipe.rotate.seed", "3"])
+    assert build_config(Recipe, cfg["recipe"]) == Recipe.from_name(
+        "quarot-gptq", weights={"gptq": {"damp": 0.05}}, rotate={"seed": 3})
 
 
-def _fit(model_dir: Path, out: Path, callbacks=(), resume: bool = True) -> LsrModule:
-    from lsr.learn.method import preset
-
-    module = LsrModule(model=str(model_dir), method=preset("lsr", epochs=2), output_dir=str(out), batch_size=4,
-                       resume=resume)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=-1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks),
-                        check_val_every_n_epoch=1_000_000, num_sanity_val_steps=0)
-    trainer.fit(module, RandomWindows())
-    return module
-
-
+# ----------------------------------------------------------------------------------------------- a tiny model
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny")
-    tiny_model("llama").save_pretrained(path)
-    return path
+def tiny_dir(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny llama with a WordLevel tokenizer saved as an HF directory, and a text file of its words."""
+    return save_tiny(tmp_path_factory.mktemp("tiny"))
 
 
-def test_fit_resumes_after_a_crash_with_identical_scales(tiny_dir, tmp_path):
-    full = _fit(tiny_dir, tmp_path / "full")
-    assert len(full.engine.results) == 2
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        _fit(tiny_dir, tmp_path / "crashed", callbacks=[Crash(at=1)])
-    state = (tmp_path / "crashed" / "lsr_state.json").read_text()
-    assert '"completed_blocks": 1' in state
-    _fit(tiny_dir, tmp_path / "crashed")
-    a = load_file(tmp_path / "full" / "scales.safetensors")
-    b = load_file(tmp_path / "crashed" / "scales.safetensors")
+def _fit_argv(tiny_dir, out: Path, *extra: str, epochs: str | None = "2") -> list[str]:
+    model, text = tiny_dir
+    learn = ["--recipe.learn.epochs", epochs] if epochs else []
+    return ["fit", "--model.name", str(model), "--data.source", str(text), "--data.seq_len", "32",
+            "--data.num_calibration", "4", "--data.cache_dir", str(out.parent / "cache"), "--output_dir", str(out),
+            "--log_dir", str(out.parent / "logs"), "--trainer.accelerator", "cpu", *learn, *extra]
+
+
+def _one_line_error(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    message = info.value.code
+    assert isinstance(message, str), message
+    err = capsys.readouterr().err
+    assert "Traceback" not in message + err
+    assert "\n" not in message.strip(), message
+    return message
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--recipe.weights.spec.bits", "1"], r"lsr fit: error: recipe\.weights\.spec\b.*bits must be an integer in "
+                                          r"\[2, 8\], got 1"),
+    (["--recipe.smooth.alpha", "2"], r"lsr fit: error: smooth\.alpha=2\.0 is invalid: expected a number in \[0, 1\]"),
+    (["--recipe.learn.epochs", "0"], r"lsr fit: error: learn\.epochs=0 is invalid: expected an int >= 1"),
+    (["--recipe.name", "nope"], r"lsr fit: error: recipe\.name='nope' is invalid: expected a preset \(quarot"),
+    (["--recipe.smooth", "null"], "lsr fit: error: learn trains the smoothing scales"),
+    (["--data.seq_len", "1"], r"lsr fit: error: data\.seq_len=1 is invalid: expected an int >= 2"),
+    (["--data.seq_len", "100000"], r"lsr fit: error: the train split of data source '.*text\.txt' has \d+ tokens; "
+                                   r"one window needs data\.seq_len=100000"),
+    (["--data.source", "EMPTY"], r"lsr fit: error: text file .*empty\.txt is empty"),
+])
+def test_bad_values_end_in_one_line(tiny_dir, tmp_path, capsys, extra, expected):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    extra = [str(empty) if a == "EMPTY" else a for a in extra]
+    message = _one_line_error(capsys, _fit_argv(tiny_dir, tmp_path / "run", *extra))
+    assert re.fullmatch(expected + ".*", message), message
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+@torch.no_grad()
+def test_fit_validate_export_eval(tiny_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run, exported = tmp_path / "run1", tmp_path / "exp1"
+    data = ["--data.source", str(tiny_dir[1]), "--data.seq_len", "32", "--data.max_eval_windows", "4",
+            "--data.cache_dir", str(tmp_path / "cache")]
+    main(_fit_argv(tiny_dir, run, "--recipe.learn.epochs", "1"))
+    for name in ("recipe.json", "lsr_state.json", "scales.safetensors", "per_layer_error.json", "per_layer_error.md",
+                 "per_layer_error.png"):
+        assert (run / name).is_file(), name
+    assert Recipe.from_dict(json.loads((run / "recipe.json").read_text())) == Recipe.from_name(
+        "lsr", learn={"epochs": 1})
+    assert list((tmp_path / "logs").rglob("events.out.tfevents.*"))  # TensorBoard
+    capsys.readouterr()
+    main(["validate", "--model.name", str(tiny_dir[0]), *data, "--output_dir", str(run), "--variant", "fake_quant"])
+    fake_quant = float(capsys.readouterr().out.split("val/ppl ")[1].split()[0])
+    main(["validate", "--model.name", str(tiny_dir[0]), *data, "--variant", "rotated"])
+    rotated = float(capsys.readouterr().out.split("val/ppl ")[1].split()[0])
+    main(["validate", "--model.name", str(tiny_dir[0]), *data, "--variant", "fp"])
+    fp = float(capsys.readouterr().out.split("val/ppl ")[1].split()[0])
+    assert rotated == pytest.approx(fp, rel=1e-4) and fake_quant != pytest.approx(fp, rel=1e-4)
+    main(["export", str(run), str(exported)])
+    assert "recipe lsr" in capsys.readouterr().out
+    config = json.loads((exported / "config.json").read_text())
+    assert Recipe.from_dict(config["lsr"]["recipe"]) == Recipe.from_name("lsr", learn={"epochs": 1})
+    assert config["lsr"]["source"] == {"model": str(tiny_dir[0]), "refined": str(run)}
+    main(["eval", str(exported), *data, "--json", str(tmp_path / "eval.json")])
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["perplexity"]["windows"] == 4
+    # the INT4 model scores what the fake-quant model does, up to the 16-bit embedding and lm_head
+    assert result["perplexity"]["value"] == pytest.approx(fake_quant, rel=1e-2)
+    message = _one_line_error(capsys, ["export", str(run), str(exported)])
+    assert "exists" in message and "overwrite" in message
+
+
+# ----------------------------------------------------------------------------------------------- resume
+def test_fit_resumes_after_a_crash_with_identical_scales(tiny_dir, tmp_path, monkeypatch, capsys):
+    main(_fit_argv(tiny_dir, tmp_path / "full"))
+    original = LearnScales.on_block
+
+    def crash(self, block):
+        if block.index == 1:
+            raise RuntimeError("simulated crash")
+        original(self, block)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(LearnScales, "on_block", crash)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            main(_fit_argv(tiny_dir, tmp_path / "crashed"))
+    state = json.loads((tmp_path / "crashed" / "lsr_state.json").read_text())
+    assert state["completed_blocks"] == 1 and state["num_blocks"] == 2 and len(state["records"]) == 1
+    capsys.readouterr()
+    main(_fit_argv(tiny_dir, tmp_path / "crashed"))
+    assert "resuming" in capsys.readouterr().out
+    a, b = load_file(tmp_path / "full" / "scales.safetensors"), load_file(tmp_path / "crashed" / "scales.safetensors")
     assert a.keys() == b.keys() and len(a) == 2 * 4
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    full, crashed = (load_checkpoint(tmp_path / d) for d in ("full", "crashed"))
+    assert full.recipe == crashed.recipe and full.state["fingerprint"] == crashed.state["fingerprint"]
+    for key in ("completed_blocks", "num_blocks", "model", "format_version"):
+        assert full.state[key] == crashed.state[key], key
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in full.state["records"]]
+    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in crashed.state["records"]]
+    assert (tmp_path / "full" / "recipe.json").read_bytes() == (tmp_path / "crashed" / "recipe.json").read_bytes()
     for name in ("per_layer_error.json", "per_layer_error.md", "per_layer_error.png"):
-        assert (tmp_path / "full" / name).is_file()
-
-
-def test_resume_refuses_a_different_config(tiny_dir, tmp_path):
-    _fit(tiny_dir, tmp_path / "run")
-    from lsr.learn.method import preset
-
-    module = LsrModule(model=str(tiny_dir), method=preset("quarot"), output_dir=str(tmp_path / "run"))
-    trainer = L.Trainer(accelerator="cpu", max_epochs=-1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
-    with pytest.raises(ValueError, match="different config"):
-        trainer.fit(module, RandomWindows())
-
-
-def test_refined_checkpoint_applies_in_one_call(tiny_dir, tmp_path):
-    from lsr import apply_refined
-    from lsr.models import load_model
-
-    module = _fit(tiny_dir, tmp_path / "run")
-    ids = RandomWindows().windows[:2]
+        assert (tmp_path / "full" / name).is_file() and (tmp_path / "crashed" / name).is_file()
     with torch.no_grad():
-        expected = module.lm(ids).logits  # the in-memory refined fake-quant model after fit
-        model, _ = load_model(str(tiny_dir), with_tokenizer=False)
-        got = apply_refined(model, tmp_path / "run")(ids).logits
-    assert torch.allclose(expected, got, atol=1e-5)
+        logits = [apply_checkpoint(load_model(str(tiny_dir[0]), with_tokenizer=False)[0], tmp_path / d).model(IDS)
+                  .logits for d in ("full", "crashed")]
+    assert torch.equal(*logits)
+
+
+def test_resume_refuses_a_different_recipe(tiny_dir, tmp_path, capsys):
+    main(_fit_argv(tiny_dir, tmp_path / "run"))
+    before = (tmp_path / "run" / "lsr_state.json").read_text()
+    message = _one_line_error(capsys, _fit_argv(tiny_dir, tmp_path / "run", "--recipe.name", "quarot",
+                                                          epochs=None))
+    assert "holds a run with a different model, recipe, data or trainer" in message
+    for extra in (["--recipe.smooth.alpha", "0.4"], ["--recipe.learn.epochs", "3"], ["--data.num_calibration", "5"]):
+        message = _one_line_error(capsys, _fit_argv(tiny_dir, tmp_path / "run", *extra))
+        assert "different model, recipe" in message, extra
+    assert (tmp_path / "run" / "lsr_state.json").read_text() == before
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    message = _one_line_error(capsys, _fit_argv(tiny_dir, tmp_path / "other"))
+    assert "is not an lsr refined checkpoint" in message
+
+
+def test_a_run_with_trainer_callbacks_is_found_again(tiny_dir, tmp_path, capsys):
+    """The same command line (callbacks included) finds its own run: the fingerprint may not depend on objects."""
+    argv = _fit_argv(tiny_dir, tmp_path / "run", "--trainer.callbacks",
+                     '[{"class_path": "lightning.pytorch.callbacks.Timer"}]', epochs="1")
+    main(argv)
+    capsys.readouterr()
+    main(argv)
+    assert "finished run found, reusing it" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------- reload
+def _fit(tiny_dir, out: Path, recipe: Recipe):
+    data = DataConfig(source=str(tiny_dir[1]), seq_len=32, num_calibration=4, cache_dir=str(out.parent / "cache"))
+    return fit_recipe(ModelConfig(name=str(tiny_dir[0])), recipe, data, out, batch_size=2,
+                      trainer={"accelerator": "cpu"}, log_dir=str(out.parent / "logs"))[0]
+
+
+@torch.no_grad()
+def test_refined_checkpoint_rebuilds_the_fake_quant_model(tiny_dir, tmp_path):
+    result = _fit(tiny_dir, tmp_path / "run", Recipe.from_name("lsr", learn={"epochs": 2}))
+    expected = result.model(IDS).logits  # the in-memory fake-quant model after fit
+    model, _ = load_model(str(tiny_dir[0]), with_tokenizer=False)
+    rebuilt = apply_checkpoint(model, tmp_path / "run")
+    assert torch.equal(rebuilt.model(IDS).logits, expected)
+    assert rebuilt.recipe == result.recipe and rebuilt.weights.keys() == result.weights.keys()
+    for name, weight in result.weights.items():
+        assert torch.equal(rebuilt.weights[name].q, weight.q) and torch.equal(rebuilt.weights[name].scale,
+                                                                             weight.scale), name
+    assert not (tmp_path / "run" / "weights").exists()  # RTN weights are recomputed from the recipe
+    again = _fit(tiny_dir, tmp_path / "run", Recipe.from_name("lsr", learn={"epochs": 2}))  # finished: reused
+    assert torch.equal(again.model(IDS).logits, expected)
+
+
+@torch.no_grad()
+def test_gptq_checkpoint_stores_weights_and_reloads(tiny_dir, tmp_path):
+    result = _fit(tiny_dir, tmp_path / "run", PRESETS["quantile-gptq"])
+    files = sorted(p.name for p in (tmp_path / "run" / "weights").iterdir())
+    assert files == ["block_0000.safetensors", "block_0001.safetensors"]
+    stored = load_checkpoint(tmp_path / "run").block_weights(1)
+    assert set(stored) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+    assert torch.equal(stored["mlp.down_proj"].q, result.weights["model.layers.1.mlp.down_proj"].q)
+    model, _ = load_model(str(tiny_dir[0]), with_tokenizer=False)
+    rebuilt = apply_checkpoint(model, tmp_path / "run")
+    assert torch.equal(rebuilt.model(IDS).logits, result.model(IDS).logits)
+    (tmp_path / "run" / "weights" / "block_0001.safetensors").unlink()
+    with pytest.raises(ValueError, match="GPTQ weights of block 1 are lost"):
+        apply_checkpoint(load_model(str(tiny_dir[0]), with_tokenizer=False)[0], tmp_path / "run")
+
+
+def test_unfinished_checkpoint_is_refused(tiny_dir, tmp_path, monkeypatch):
+    original = LearnScales.on_block
+
+    def crash(self, block):
+        if block.index == 1:
+            raise RuntimeError("simulated crash")
+        original(self, block)
+
+    monkeypatch.setattr(LearnScales, "on_block", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _fit(tiny_dir, tmp_path / "run", Recipe.from_name("lsr", learn={"epochs": 1}))
+    with pytest.raises(ValueError, match="holds 1 of 2 blocks: the run did not finish"):
+        apply_checkpoint(load_model(str(tiny_dir[0]), with_tokenizer=False)[0], tmp_path / "run")

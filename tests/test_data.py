@@ -6,7 +6,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from lsr.data import (
-    LsrDataModule,
+    DataConfig,
     cached_token_ids,
     calibration_windows,
     eval_windows,
@@ -177,38 +177,46 @@ def test_cache_dir_env(tok, corpus, tmp_path, monkeypatch):
     assert len(list((tmp_path / "root" / "tokens").glob("*.safetensors"))) == 1
 
 
-# --- data module -----------------------------------------------------------------------------------
+# --- data config -----------------------------------------------------------------------------------
 
 
-def test_data_module(tok, corpus, tmp_path):
+def test_data_config(tok, corpus, tmp_path):
     path, _ = corpus
-    dm = LsrDataModule(tokenizer=tok, source=str(path), seq_len=8, num_calibration=5, max_eval_windows=3,
-                       batch_size=2, cache_dir=str(tmp_path / "c"))
-    dm.setup("fit")
-    train = list(dm.train_dataloader())
-    assert [b.shape for b in train] == [(2, 8), (2, 8), (1, 8)] and train[0].dtype == torch.long
-    assert torch.equal(torch.cat(train), dm.calibration_windows())
-    val = torch.cat(list(dm.val_dataloader()))
+    data = DataConfig(source=str(path), seq_len=8, num_calibration=5, max_eval_windows=3, batch_size=2,
+                      cache_dir=str(tmp_path / "c"))
+    calib = data.calibration_windows(tok)
+    assert calib.shape == (5, 8) and calib.dtype == torch.long
+    train = join_and_tokenize(tok, load_texts(str(path), "train"))
+    assert torch.equal(calib, calibration_windows(train, 5, 8, seed=0))
+    val = data.eval_windows(tok)
     stream = join_and_tokenize(tok, load_texts(str(path), "eval"))
     assert torch.equal(val, stream[:24].view(3, 8))
-    assert torch.equal(torch.cat(list(dm.test_dataloader())), val)
-    dm2 = LsrDataModule(tokenizer=tok, source=str(path), seq_len=8, num_calibration=5,
-                        cache_dir=str(tmp_path / "c"))
-    assert torch.equal(dm2.calibration_windows(), dm.calibration_windows())
-    assert dm.hparams.seq_len == 8
+    assert torch.equal(DataConfig(source=str(path), seq_len=8, cache_dir=str(tmp_path / "c")).eval_windows(tok),
+                       eval_windows(stream, 8))  # max_eval_windows None: all of them
+    again = DataConfig(source=str(path), seq_len=8, num_calibration=5, cache_dir=str(tmp_path / "c"))
+    assert torch.equal(again.calibration_windows(tok), calib)  # batch size and eval cap do not change them
+    other = DataConfig(source=str(path), seq_len=8, num_calibration=5, seed=1, cache_dir=str(tmp_path / "c"))
+    assert not torch.equal(other.calibration_windows(tok), calib)
+    assert len(list((tmp_path / "c").glob("*.safetensors"))) == 2  # one token cache per split
+    assert data.seq_len == 8 and "calibration 5" in data.describe() and str(path) in data.describe()
+    with pytest.raises(Exception, match="frozen|cannot assign"):
+        data.seq_len = 16
 
 
 @pytest.mark.parametrize("kw", [{"seq_len": 1}, {"num_calibration": 0}, {"batch_size": 0},
-                                {"max_eval_windows": 0}])
-def test_data_module_validation(kw):
-    with pytest.raises(ValueError, match=next(iter(kw))):
-        LsrDataModule(**kw)
+                                {"max_eval_windows": 0}, {"seq_len": 8.0}])
+def test_data_config_validation(kw):
+    with pytest.raises(ValueError, match=f"data.{next(iter(kw))}="):
+        DataConfig(**kw)
 
 
-def test_data_module_too_short_stream(tok, tmp_path):
+def test_data_config_too_short_stream(tok, tmp_path):
     f = tmp_path / "tiny.txt"
     f.write_text("a b")
-    dm = LsrDataModule(tokenizer=tok, source=f"train={f},eval={f}", seq_len=64, cache_dir=str(tmp_path / "c"))
-    with pytest.raises(ValueError, match="shorter than one window"):
-        dm.setup("test")
+    data = DataConfig(source=f"train={f},eval={f}", seq_len=64, cache_dir=str(tmp_path / "c"))
+    with pytest.raises(ValueError, match=r"the eval split of data source .* has \d+ tokens; one window needs "
+                                         r"data\.seq_len=64"):
+        data.eval_windows(tok)
+    with pytest.raises(ValueError, match=r"the train split .* data\.seq_len=64"):
+        data.calibration_windows(tok)
     assert os.path.isdir(tmp_path / "c")

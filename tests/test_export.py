@@ -11,28 +11,31 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from lsr.checkpoint import CheckpointWriter
+from lsr.data.config import DataConfig
 from lsr.export import (
     ExportConfig,
-    GPTQOptions,
+    check_exportable,
     export_model,
-    fake_quant_twin,
     load_quantized,
     prepare_export,
+    round_like_export,
     write_export,
 )
 from lsr.export import format as fmt
-from lsr.export.evaluate import LmEvalUnavailable, LoglikelihoodScorer, make_lm_eval_model, perplexity
+from lsr.export.evaluate import LmEvalUnavailable, LoglikelihoodScorer, make_lm_eval_model
 from lsr.export.quantized_linear import QuantizedLinear
 from lsr.export.sizes import size_report
 from lsr.export.writer import sha256_file
 from lsr.hadamard import hadamard_transform
 from lsr.kernels import pack_int4, quantize_per_token_int4, unpack_int4, w4a4_accumulate_reference
-from lsr.learn.engine import BlockwiseEngine
-from lsr.learn.method import preset
-from lsr.learn.refined import method_to_dict, save_refined
+from lsr.metrics import perplexity
+from lsr.models import load_tokenizer
+from lsr.pipeline import apply_recipe
 from lsr.quant.rtn import QuantSpec, quantize
+from lsr.recipe import PRESETS, Recipe
 from lsr.transforms.linear import QLinear
-from tests.conftest import TINY, tiny_model
+from tests.conftest import TINY, save_tiny, tiny_model
 
 W4 = QuantSpec(bits=4, granularity="channel")
 A4 = QuantSpec(bits=4, granularity="token")
@@ -42,29 +45,30 @@ CALIB = torch.randint(0, TINY["vocab_size"], (8, 32), generator=torch.Generator(
 
 @pytest.fixture(scope="module")
 def refined_dir(tmp_path_factory) -> Path:
-    """A refined checkpoint of tiny_model("llama") (quantile init, no learning), written without Lightning."""
-    directory = tmp_path_factory.mktemp("refined")
-    method = preset("quantile")
-    engine = BlockwiseEngine(tiny_model("llama"), method, CALIB, batch_size=4)
-    engine.run()
-    log_scales = {f"{i}.{p}": t for i, scales in enumerate(engine.log_scales) for p, t in scales.items()}
-    state = {"model": "tiny-llama", "method": method_to_dict(method), "completed_blocks": engine.num_blocks,
-             "num_blocks": engine.num_blocks, "fingerprint": "test", "results": []}
-    save_refined(directory, log_scales, state)
-    return directory
+    """A refined checkpoint of tiny_model("llama") saved to disk (quantile init, no learning), written by the block
+    pipeline without Lightning."""
+    root = tmp_path_factory.mktemp("refined")
+    model_dir, _ = save_tiny(root)
+    recipe = PRESETS["quantile"]
+    writer = CheckpointWriter(root / "run", recipe, model=str(model_dir), fingerprint="test",
+                              num_blocks=TINY["num_hidden_layers"])
+    apply_recipe(tiny_model("llama"), recipe, CALIB, batch_size=4, writer=writer, log=None)
+    return root / "run"
 
 
-def _export_with_twin(out: Path, kind: str = "llama", refined: Path | None = None, **overrides):
-    """Export a tiny model and return (directory, its fake-quant twin)."""
+def _export_with_twin(out: Path, source="llama", recipe: Recipe | str | None = None, **overrides):
+    """Export a tiny model (a kind of `tiny_model`, or a refined checkpoint directory) and return (directory, the
+    fake-quant model holding exactly the exported values)."""
     config = ExportConfig(overwrite=True, **overrides)
-    prepared = prepare_export(tiny_model(kind), config, refined=refined, calibration=CALIB)
-    write_export(prepared, out, config)
-    return out, fake_quant_twin(prepared, config)
+    source = tiny_model(source) if source in ("llama", "llama-tied", "mistral", "qwen2") else source
+    prepared, tokenizer = prepare_export(source, recipe, calibration=CALIB)
+    write_export(prepared, out, config, tokenizer)
+    return out, round_like_export(prepared.model, config)
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, refined_dir):
-    return _export_with_twin(tmp_path_factory.mktemp("exp") / "rtn", refined=refined_dir)
+    return _export_with_twin(tmp_path_factory.mktemp("exp") / "rtn", refined_dir)
 
 
 # ----------------------------------------------------------------------------------------------- packing
@@ -132,13 +136,15 @@ def test_export_load_logits_match_fake_quant(exported):
     assert perplexity(model, IDS) == pytest.approx(perplexity(twin, IDS), rel=1e-5)
 
 
-@pytest.mark.parametrize("kind, overrides", [
-    ("qwen2", {"weight_quantizer": "gptq"}),  # q/k/v biases, GPTQ on post-Hadamard, act-quantized inputs
-    ("llama-tied", {"embeddings_8bit": True, "storage_dtype": "bfloat16"}),
+@pytest.mark.parametrize("kind, recipe, overrides", [
+    ("qwen2", "quarot-gptq", {}),  # q/k/v biases, GPTQ on post-Hadamard, act-quantized inputs
+    ("mistral", "smoothrot-gptq", {}),
+    ("llama-tied", "quarot", {"embeddings_8bit": True, "storage_dtype": "bfloat16"}),
 ])
 @torch.no_grad()
-def test_export_variants_match_fake_quant(tmp_path, kind, overrides):
-    path, twin = _export_with_twin(tmp_path / "out", kind, **overrides)
+def test_export_variants_match_fake_quant(tmp_path, kind, recipe, overrides):
+    path, twin = _export_with_twin(tmp_path / "out", kind, recipe, **overrides)
+    assert Recipe.from_dict(json.loads((path / "config.json").read_text())["lsr"]["recipe"]) == PRESETS[recipe]
     model = load_quantized(path, backend="reference")
     assert (model(IDS).logits - twin(IDS).logits).abs().max().item() < 1e-5
 
@@ -149,8 +155,9 @@ def test_gptq_differs_from_rtn_and_sees_quantized_inputs(tmp_path, monkeypatch):
     seen: list[torch.Tensor] = []
     original = gptq.HessianAccumulator.add
     monkeypatch.setattr(gptq.HessianAccumulator, "add", lambda self, x: (seen.append(x), original(self, x))[1])
-    rtn = prepare_export(tiny_model("llama"), calibration=CALIB)
-    gp = prepare_export(tiny_model("llama"), weight_quantizer="gptq", calibration=CALIB)
+    rtn, _ = prepare_export(tiny_model("llama"), "quarot", calibration=CALIB)
+    assert not seen  # RTN calibrates nothing
+    gp, _ = prepare_export(tiny_model("llama"), "quarot-gptq", calibration=CALIB)
     name = "model.layers.1.mlp.down_proj"
     assert not torch.equal(rtn.weights[name].q, gp.weights[name].q)
     assert seen
@@ -159,19 +166,68 @@ def test_gptq_differs_from_rtn_and_sees_quantized_inputs(tmp_path, monkeypatch):
         torch.testing.assert_close(codes, codes.round(), atol=1e-4, rtol=0)
 
 
-def test_gptq_groups_are_fake_quant_only():
-    groups = {"weight_quantizer": "gptq", "gptq": GPTQOptions(group_size=16, act_order=True)}
+def test_gptq_groups_are_fake_quant_only(tmp_path):
+    groups = Recipe.from_name("quarot-gptq", weights={"gptq": {"group_size": 16, "act_order": True}})
     with pytest.raises(ValueError, match="one scale per output channel"):
-        prepare_export(tiny_model("llama"), calibration=CALIB, **groups)
-    prepared = prepare_export(tiny_model("llama"), calibration=CALIB, for_export=False, **groups)
+        prepare_export(tiny_model("llama"), groups, calibration=CALIB)
+    with pytest.raises(ValueError, match="one scale per output channel"):
+        export_model(tiny_model("llama"), tmp_path / "out", recipe=groups, calibration=CALIB)
+    assert not (tmp_path / "out").exists()
+    prepared, _ = prepare_export(tiny_model("llama"), groups, calibration=CALIB, check=False)
     weight = prepared.weights["model.layers.0.mlp.down_proj"]
     assert weight.scale.shape == (48, 80 // 16)
     with torch.no_grad():
-        assert torch.isfinite(fake_quant_twin(prepared)(IDS).logits).all()
+        assert torch.isfinite(round_like_export(prepared.model, ExportConfig())(IDS).logits).all()
+    with pytest.raises(ValueError, match="weight groups; the export needs one scale per channel"):
+        write_export(prepared, tmp_path / "out", ExportConfig())  # the writer refuses them too
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("recipe, match", [
+    (Recipe.from_name("quarot", activations={"clip_ratio": 0.9}), "quantizes activations to symmetric int4 per token"),
+    (Recipe.from_name("quarot", activations={"bits": 8}), "quantizes activations"),
+    (Recipe.from_name("quarot", activations={"granularity": "tensor"}), "quantizes activations"),
+    (Recipe.from_name("quarot", weights={"spec": {"bits": 3}}), "symmetric 4-bit weights"),
+    (Recipe.from_name("quarot", weights={"spec": {"symmetric": False, "clip_search": False}}), "symmetric 4-bit"),
+    (Recipe.from_name("quarot", weights={"spec": {"granularity": "group", "group_size": 16}}), "one scale per"),
+], ids=["act-clip", "act-bits", "act-tensor", "w-bits", "w-asym", "w-groups"])
+def test_what_the_int4_runtime_cannot_hold_is_refused(tmp_path, recipe, match):
+    with pytest.raises(ValueError, match=match):
+        check_exportable(recipe)
+    with pytest.raises(ValueError, match=match):
+        export_model(tiny_model("llama"), tmp_path / "out", recipe=recipe, calibration=CALIB)
+    assert not (tmp_path / "out").exists()
+
+
+def test_sources_and_recipes_are_checked(refined_dir):
+    with pytest.raises(ValueError, match="refined checkpoint with its own recipe"):
+        prepare_export(str(refined_dir), "quarot")
+    with pytest.raises(ValueError, match="learns its scales: run `lsr fit`"):
+        prepare_export(tiny_model("llama"), "lsr", calibration=CALIB)
+    with pytest.raises(ValueError, match="calibrates: pass calibration windows or a tokenizer"):
+        prepare_export(tiny_model("llama"), "quantile")
+    with pytest.raises(ValueError, match="not a preset"):
+        prepare_export(tiny_model("llama"), "gptq-only")
+
+
+@torch.no_grad()
+def test_export_from_a_model_directory_with_data(tmp_path):
+    """A saved model and a recipe that calibrates: windows come from `data` through the model's tokenizer."""
+    model_dir, text = save_tiny(tmp_path)
+    data = DataConfig(source=str(text), seq_len=32, num_calibration=4, cache_dir=str(tmp_path / "cache"))
+    result = export_model(str(model_dir), tmp_path / "out", recipe="smoothrot", data=data)
+    assert Recipe.from_dict(result.lsr["recipe"]) == PRESETS["smoothrot"]
+    assert result.lsr["source"] == {"model": str(model_dir)}
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
+    windows = data.calibration_windows(load_tokenizer(str(model_dir)))
+    prepared, _ = prepare_export(str(model_dir), "smoothrot", calibration=windows)
+    twin = round_like_export(prepared.model, ExportConfig())
+    model = load_quantized(tmp_path / "out", backend="reference")
+    assert (model(IDS).logits - twin(IDS).logits).abs().max().item() < 1e-5
 
 
 # ----------------------------------------------------------------------------------------------- format
-def test_config_and_sizes(exported):
+def test_config_and_sizes(exported, refined_dir):
     path, _ = exported
     config = json.loads((path / "config.json").read_text())
     qc = config["quantization_config"]
@@ -186,7 +242,9 @@ def test_config_and_sizes(exported):
     assert r4["type"] == "lsr-hadamard" and r4["apply"][0]["location"] == "input"  # 80 = 20·4: not Sylvester
     lsr = config["lsr"]
     assert {k: lsr["online_transforms"][0][k] for k in ("size", "m", "k")} == {"size": 80, "m": 20, "k": 2}
-    assert lsr["method"]["name"] == "quantile" and lsr["source"]["refined"]
+    assert lsr["recipe"]["name"] == "quantile" and lsr["source"]["refined"] == str(refined_dir)
+    assert Recipe.from_dict(lsr["recipe"]) == PRESETS["quantile"]  # the recipe the checkpoint was made with
+    assert lsr["weight_quantizer"] == {"name": "rtn"}
     assert config["tie_word_embeddings"] is False
     tensors = load_file(path / fmt.WEIGHTS_FILE)
     assert tensors["model.layers.0.mlp.down_proj.weight_packed"].dtype == torch.int32
@@ -326,15 +384,19 @@ def test_export_never_overwrites_unless_asked(tmp_path):
 
 
 def test_cli_parsers(tmp_path):
-    from lsr.cli import main
-    from lsr.export.cli import _eval_parser, _export_parser
+    from lsr.cli import build_config, main, parse
 
-    args = _export_parser().parse_args(["src", "out", "--weight_quantizer", "gptq", "--gptq.act_order",
-                                        "--gptq.damp", "0.05", "--embeddings_8bit", "--data.num_calibration", "4"])
-    assert (args.weight_quantizer, args.act_order, args.damp, args.embeddings_8bit, args.num_calibration) == (
-        "gptq", True, 0.05, True, 4)
-    args = _eval_parser().parse_args(["dir", "--data.seq_len", "128", "--max_eval_windows", "3", "--tasks", "a,b"])
-    assert (args.seq_len, args.max_eval_windows, args.tasks) == (128, 3, "a,b")
+    command, cfg = parse(["export", "src", "out", "--recipe.name", "quarot-gptq", "--recipe.weights.gptq.act_order",
+                          "true", "--recipe.weights.gptq.damp", "0.05", "--export.embeddings_8bit", "true",
+                          "--data.num_calibration", "4"])
+    assert (command, cfg["source"], cfg["out_dir"]) == ("export", "src", "out")
+    expected = Recipe.from_name("quarot-gptq", weights={"gptq": {"act_order": True, "damp": 0.05}})
+    assert build_config(Recipe, cfg["recipe"]) == expected
+    assert build_config(ExportConfig, cfg["export"]) == ExportConfig(embeddings_8bit=True)
+    assert cfg["data"]["num_calibration"] == 4
+    command, cfg = parse(["eval", "dir", "--data.seq_len", "128", "--data.max_eval_windows", "3", "--tasks", "a,b"])
+    assert (command, cfg["path"], cfg["data"]["seq_len"], cfg["data"]["max_eval_windows"], cfg["tasks"]) == (
+        "eval", "dir", 128, 3, "a,b")
     with pytest.raises(SystemExit) as exit_info:
         main(["export", "--help"])
     assert exit_info.value.code == 0
@@ -342,6 +404,8 @@ def test_cli_parsers(tmp_path):
         main(["export", "smollm2", str(tmp_path)])  # refused before anything is loaded
     with pytest.raises(SystemExit, match="lsr eval: .*no config.json"):
         main(["eval", str(tmp_path)])
+    with pytest.raises(SystemExit, match="lsr export: .*learns its scales"):
+        main(["export", "smollm2", str(tmp_path / "out"), "--recipe.name", "lsr"])
 
 
 # ----------------------------------------------------------------------------------------------- evaluation

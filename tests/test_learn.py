@@ -1,25 +1,29 @@
-"""Smoothing, quantile init and blockwise learning on tiny random models."""
+"""Smoothing, quantile init and blockwise learning on tiny random models (the block pipeline and `quantize_`)."""
 
 from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import replace
 
+import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 
-from lsr.learn.engine import BlockwiseEngine
-from lsr.learn.method import PRESETS, MethodConfig, preset
-from lsr.learn.refined import fold_scales
+from lsr.learn import BlockModule, LearnScales, quantize_
 from lsr.models import adapter_for
+from lsr.pipeline import Block, BlockPipeline, apply_recipe, prepare_model
+from lsr.pipeline.apply import recipe_hooks
+from lsr.pipeline.smooth import SmoothInit
 from lsr.quant import QuantSpec
-from lsr.transforms import rotate_model
+from lsr.recipe import PRESETS, LearnStep, Recipe, RotateStep, SmoothStep, WeightStep
 from lsr.transforms.linear import set_quantizers
-from lsr.transforms.prepare import to_qlinears
-from lsr.transforms.smooth import BlockGeometry
+from lsr.transforms.smooth import BlockGeometry, fold_scales
 from tests.conftest import TINY, tiny_model
 
 ALL_POINTS = ["down", "qkv", "gateup", "vo"]
+CPU = {"accelerator": "cpu"}
 
 
 def _windows(n: int = 8, seq_len: int = 24, seed: int = 0) -> torch.Tensor:
@@ -33,17 +37,46 @@ def _random_scales(layer, heads, seed: int) -> dict[str, torch.Tensor]:
     return {p: torch.exp(torch.randn(n, generator=gen)) for p, n in sizes.items()}
 
 
+def _block(recipe: Recipe, index: int = 0, windows: torch.Tensor | None = None) -> Block:
+    """Block `index` of a prepared tiny llama, its predecessors run through the recipe's hooks (no learning)."""
+    model = prepare_model(tiny_model("llama"), recipe)
+    pipeline = BlockPipeline(model, _windows() if windows is None else windows, act=recipe.activations,
+                             weight=recipe.weights.spec, batch_size=4, log=None)
+    for i in range(index):
+        block = Block(pipeline, i)
+        for hook in recipe_hooks(replace(recipe, learn=None)):
+            hook.on_block(block)
+        pipeline._advance(block)
+    return Block(pipeline, index)
+
+
+def _flat(scales: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([scales[p].detach().flatten() for p in sorted(scales)])
+
+
+class ScalesOf:
+    """`on_block_end` of the pipeline: keep every block's (learned) log-scales."""
+
+    def __init__(self) -> None:
+        self.scales: dict[int, dict[str, torch.Tensor]] = {}
+
+    def __call__(self, block: Block) -> None:
+        self.scales[block.index] = {p: t.detach().clone() for p, t in block.log_scales.items()}
+
+
+# ----------------------------------------------------------------------------------------------- exactness
 @pytest.mark.parametrize("kind", ["llama", "llama-tied", "mistral", "qwen2"])
 @torch.no_grad()
 def test_scaled_and_rotated_fp_model_equals_original(kind, tiny_ids):
     model = tiny_model(kind)
     ref = model(tiny_ids).logits
-    rotate_model(model, seed=0)
-    to_qlinears(model)
+    prepare_model(model, PRESETS["quarot"])
     adapter = adapter_for(model)
     heads = adapter.head_dims(model)
     for i, layer in enumerate(adapter.layers(model)):
-        fold_scales(layer, _random_scales(layer, heads, i), BlockGeometry.of(layer, *heads))
+        scales = _random_scales(layer, heads, i)
+        assert set(scales) == set(adapter.mapping.smoothing_points)
+        fold_scales(layer, scales, BlockGeometry.of(layer, adapter.mapping, *heads))
     out = model(tiny_ids).logits
     assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-4
 
@@ -53,111 +86,163 @@ def test_scaled_and_rotated_fp_model_equals_original(kind, tiny_ids):
 def test_each_smoothing_point_changes_the_quantized_model(point, tiny_ids):
     outputs = []
     for scaled in (False, True):
-        model = tiny_model("qwen2")
-        rotate_model(model, seed=0)
-        to_qlinears(model)
+        model = prepare_model(tiny_model("qwen2"), PRESETS["quarot"])
         adapter = adapter_for(model)
         heads = adapter.head_dims(model)
         for i, layer in enumerate(adapter.layers(model)):
             if scaled:
-                fold_scales(layer, {point: _random_scales(layer, heads, i)[point]}, BlockGeometry.of(layer, *heads))
+                fold_scales(layer, {point: _random_scales(layer, heads, i)[point]},
+                            BlockGeometry.of(layer, adapter.mapping, *heads))
             set_quantizers(layer, QuantSpec(granularity="token"), QuantSpec())
         outputs.append(model(tiny_ids).logits)
     assert (outputs[0] - outputs[1]).abs().max() > 1e-3
 
 
+# ----------------------------------------------------------------------------------------------- gradients
 def test_log_scale_gradients_flow_through_fake_quant():
-    engine = BlockwiseEngine(tiny_model("llama"), preset("lsr"), _windows(), batch_size=4)
-    engine.begin_block(0)
-    loss = engine.batch_loss(torch.arange(4))
-    loss.backward()
-    for point, theta in engine.log_scales[0].items():
+    recipe = PRESETS["lsr"]
+    block = _block(recipe)
+    SmoothInit(recipe.smooth, seed=recipe.seed).on_block(block)
+    assert set(block.log_scales) == set(ALL_POINTS)
+    thetas = {p: t.clone().requires_grad_(True) for p, t in block.log_scales.items()}
+    idx = torch.arange(4)
+    out = block.forward(block.inputs[idx], block.params(thetas), quantized=True)
+    F.mse_loss(out, block.targets[idx]).backward()
+    for point, theta in thetas.items():
         assert theta.grad is not None and torch.isfinite(theta.grad).all(), point
         assert theta.grad.abs().sum() > 0, point
 
 
-def _learn(engine: BlockwiseEngine, block: int, steps: int, lr: float = 2e-2) -> None:
-    opt = torch.optim.Adam(engine.log_scales[block].parameters(), lr=lr)
-    for _ in range(steps):
-        for idx in torch.arange(engine.num_samples).split(engine.batch_size):
-            opt.zero_grad()
-            engine.batch_loss(idx).backward()
-            opt.step()
-            engine.project()
-        engine.end_epoch()
-
-
-def test_learning_lowers_the_block_loss():
-    engine = BlockwiseEngine(tiny_model("llama"), preset("lsr"), _windows(), batch_size=4)
-    engine.begin_block(0)
-    init = engine.best_loss
-    _learn(engine, 0, steps=15)
-    result = engine.finish_block()
-    assert result.loss_final < 0.9 * init
-    assert result.loss_final == engine.results[0].loss_final
+# ----------------------------------------------------------------------------------------------- learning
+def test_learning_lowers_the_block_error():
+    recipe = Recipe.from_name("lsr", learn={"epochs": 20, "lr": 1e-2, "batch_size": 1})
+    result = quantize_(tiny_model("llama"), recipe, _windows(), batch_size=4, trainer=CPU, log=None)
+    assert [r.index for r in result.records] == list(range(TINY["num_hidden_layers"]))
+    drops = []
+    for r in result.records:
+        assert r.init in ("quantile", "max", "identity") and not r.stopped_on_nonfinite
+        assert math.isfinite(r.error_init) and math.isfinite(r.error_learned)
+        assert r.error_learned <= r.error_init  # the best scales are kept, never worse than the init
+        # RTN weights of the learned scales on the quantized-prefix inputs: what the next block is fed
+        assert r.error_final == pytest.approx(r.error_learned, rel=1e-4)
+        assert r.linear_error_init and r.linear_error_final
+        drops.append(1 - r.error_learned / r.error_init)
+    assert max(drops) >= 0.1, drops
 
 
 def test_band_keeps_scales_near_their_init():
-    engine = BlockwiseEngine(tiny_model("llama"), preset("lsr", band=0.05), _windows(), batch_size=4)
-    engine.begin_block(0)
-    theta0 = engine.theta0.clone()
-    _learn(engine, 0, steps=5, lr=1.0)
-    flat = torch.cat([t.flatten() for t in engine.log_scales[0].values()])
-    assert (flat - theta0).abs().max() <= 0.05 + 1e-6
+    band = 0.05
+    recipe = Recipe.from_name("lsr", learn={"band": band, "lr": 1.0, "epochs": 3})
+    block = _block(recipe)
+    SmoothInit(recipe.smooth, seed=recipe.seed).on_block(block)
+    theta0 = _flat(block.log_scales)
+    seen: list[torch.Tensor] = []
+
+    class Watch(L.Callback):
+        def on_train_epoch_end(self, trainer, module) -> None:
+            seen.append(_flat(dict(module.log_scales)))
+
+    LearnScales(recipe.learn, trainer={**CPU, "callbacks": [Watch()]}).on_block(block)
+    assert len(seen) == recipe.learn.epochs
+    moved = max((theta - theta0).abs().max().item() for theta in seen)
+    assert band - 1e-3 < moved <= band + 1e-6  # lr 1 pushes the scales to the edge of the band, not beyond
+    assert (_flat(block.log_scales) - theta0).abs().max() <= band + 1e-6
 
 
 def test_quantile_init_with_guard_is_no_worse_than_max_init():
-    for index in range(2):
-        losses = {}
-        for statistic in ("max", "quantile"):
-            engine = BlockwiseEngine(
-                tiny_model("llama"), preset("quantile", statistic=statistic, quantile=0.5), _windows(), batch_size=4
-            )
-            for i in range(index + 1):
-                engine.begin_block(i)
-                if i < index:
-                    engine.finish_block()
-            losses[statistic] = engine.best_loss
-        assert losses["quantile"] <= losses["max"] + 1e-12
+    """On the same inputs (the FP chain), the guarded quantile init scores at most the max init in every block."""
+    errors = {}
+    for name, smooth in (("max", {"statistic": "max", "guard": False}), ("quantile", {"quantile": 0.5})):
+        recipe = Recipe.from_name("quantile", smooth=smooth, inputs="fp")
+        result = apply_recipe(tiny_model("llama"), recipe, _windows(), batch_size=4, log=None)
+        errors[name] = [r.error_init for r in result.records]
+        if name == "max":
+            assert {r.init for r in result.records} == {"max"}
+    assert len(errors["max"]) == TINY["num_hidden_layers"]
+    for quantile, maximum in zip(errors["quantile"], errors["max"], strict=True):
+        assert quantile <= maximum + 1e-12
 
 
 def test_same_seed_same_result():
+    recipe = Recipe.from_name("lsr", learn={"epochs": 3})
     runs = []
     for _ in range(2):
-        engine = BlockwiseEngine(tiny_model("llama"), preset("lsr"), _windows(), batch_size=4)
-        engine.begin_block(0)
-        _learn(engine, 0, steps=3)
-        engine.finish_block()
-        runs.append(torch.cat([t.detach().flatten() for t in engine.log_scales[0].values()]))
-    assert torch.equal(runs[0], runs[1])
+        scales = ScalesOf()
+        result = quantize_(tiny_model("llama"), recipe, _windows(), batch_size=4, trainer=CPU, log=None,
+                           on_block_end=scales)
+        runs.append((scales.scales, result.weights))
+    (scales_a, weights_a), (scales_b, weights_b) = runs
+    assert scales_a.keys() == scales_b.keys() == set(range(TINY["num_hidden_layers"]))
+    for i in scales_a:
+        assert torch.equal(_flat(scales_a[i]), _flat(scales_b[i])), i
+    assert weights_a.keys() == weights_b.keys() and weights_a
+    for name in weights_a:
+        assert torch.equal(weights_a[name].q, weights_b[name].q), name
+        assert torch.equal(weights_a[name].scale, weights_b[name].scale), name
 
 
-def test_nonfinite_loss_restores_the_last_good_scales():
-    engine = BlockwiseEngine(tiny_model("llama"), preset("lsr"), _windows(), batch_size=4)
-    engine.begin_block(0)
-    good = {p: t.detach().clone() for p, t in engine.log_scales[0].items()}
-    with torch.no_grad():
-        for t in engine.log_scales[0].values():
-            t.fill_(float("nan"))
-    assert not math.isfinite(engine.batch_loss(torch.arange(4)).item())
+def test_nonfinite_loss_restores_the_last_good_scales(monkeypatch):
+    recipe = Recipe.from_name("lsr", learn={"epochs": 3})
+    n = _windows().shape[0]
+    calls = {"block0": 0}
+    original = BlockModule._loss
+
+    def loss(self, x, y):
+        out = original(self, x, y)
+        if self.walk.index != 0:
+            return out
+        calls["block0"] += 1
+        if calls["block0"] > n + 2:  # good steps through epoch 1 and into epoch 2, then NaN
+            return torch.full_like(out[0], float("nan")), out[1]
+        return out
+
+    monkeypatch.setattr(BlockModule, "_loss", loss)
+    best_before_nan: list[dict[str, torch.Tensor]] = []
+
+    class Watch(L.Callback):
+        def on_train_epoch_start(self, trainer, module) -> None:
+            if module.walk.index == 0:
+                best_before_nan.append({p: t.clone() for p, t in module.best.items()})
+
+    scales = ScalesOf()
     with pytest.warns(UserWarning, match="block 0: non-finite"):
-        engine.restore_best("non-finite loss nan")
-    for p, t in engine.log_scales[0].items():
-        assert torch.equal(t, good[p])
-    assert engine.results[-1].stopped_on_nonfinite
+        result = quantize_(tiny_model("llama"), recipe, _windows(), batch_size=4,
+                           trainer={**CPU, "callbacks": [Watch()]}, log=None, on_block_end=scales)
+    assert calls["block0"] == n + 3  # training of block 0 stopped at the first non-finite loss
+    assert len(best_before_nan) == 2  # epochs 1 and 2 started; epoch 3 never did
+    assert torch.equal(_flat(scales.scales[0]), _flat(best_before_nan[-1]))
+    assert result.records[0].stopped_on_nonfinite and not result.records[1].stopped_on_nonfinite
+    assert math.isfinite(result.records[0].error_learned)
+    assert result.records[0].error_learned <= result.records[0].error_init
+    with torch.no_grad():
+        assert torch.isfinite(result.model(_windows(2)).logits).all()
 
 
+# ----------------------------------------------------------------------------------------------- settings
 @pytest.mark.parametrize(
     "make, match",
     [
-        (lambda: QuantSpec(bits=9), "bits must be an integer in \\[2, 8\\]"),
+        (lambda: QuantSpec(bits=9), r"bits must be an integer in \[2, 8\]"),
         (lambda: QuantSpec(bits=1), "bits must be"),
         (lambda: QuantSpec(clip_ratio=0.0), "clip_ratio"),
-        (lambda: MethodConfig(alpha=1.5), "alpha must be in \\[0, 1\\]"),
-        (lambda: MethodConfig(quantile=0.0), "quantile must be in \\(0, 1\\]"),
-        (lambda: MethodConfig(quantile=1.2), "quantile must be in"),
-        (lambda: MethodConfig(points=["nowhere"]), "unknown smoothing points"),
-        (lambda: preset("gptq-only"), "unknown method"),
+        (lambda: SmoothStep(alpha=1.5), r"smooth\.alpha=1\.5 is invalid: expected a number in \[0, 1\]"),
+        (lambda: SmoothStep(quantile=0.0), r"smooth\.quantile=0\.0 is invalid: expected a number in \(0, 1\]"),
+        (lambda: SmoothStep(quantile=1.2), r"smooth\.quantile=1\.2 is invalid"),
+        (lambda: SmoothStep(points=("nowhere",)), r"smooth\.points='nowhere' is invalid: expected one of 'qkv'"),
+        (lambda: Recipe.from_name("lsr", smooth={"points": ["qkv", "nowhere"]}), r"smooth\.points='nowhere'"),
+        (lambda: Recipe(learn=LearnStep()), "learn trains the smoothing scales: it needs a smooth step"),
+        (lambda: Recipe(smooth=SmoothStep(points=()), learn=LearnStep()), "needs a smooth step with at least one"),
+        (lambda: Recipe(rotate=None, smooth=SmoothStep()), "smooth needs rotate"),
+        (lambda: Recipe.from_name("lsr", rotate=None), "smooth needs rotate"),
+        (lambda: Recipe.from_dict({"name": "x", "nope": 1}), "unknown recipe field 'nope'"),
+        (lambda: Recipe.from_dict({"smooth": {"alpah": 0.5}}), r"unknown recipe field smooth\.'alpah'"),
+        (lambda: Recipe.from_name("lsr", nope=1), "unknown recipe field 'nope'"),
+        (lambda: Recipe.from_name("gptq-only"), "recipe 'gptq-only' is not a preset: choose one of quarot"),
+        (lambda: LearnStep(epochs=0), r"learn\.epochs=0 is invalid: expected an int >= 1"),
+        (lambda: Recipe.from_name("lsr", learn={"epochs": 0}), r"learn\.epochs=0 is invalid"),
+        (lambda: Recipe.from_name("lsr", weights={"method": "awq"}), r"weights\.method='awq' is invalid"),
+        (lambda: Recipe.from_name("lsr", weights={"spec": {"bits": 1}}), "bits must be"),
+        (lambda: Recipe(inputs="both"), r"inputs='both' is invalid"),
     ],
 )
 def test_invalid_settings_give_clear_errors(make, match):
@@ -165,16 +250,45 @@ def test_invalid_settings_give_clear_errors(make, match):
         make()
 
 
+def test_learning_needs_the_learner_and_calibration():
+    with pytest.raises(ValueError, match="learns its scales"):
+        apply_recipe(tiny_model("llama"), PRESETS["lsr"], _windows(), log=None)
+    for name in ("smoothrot", "quarot-gptq"):
+        with pytest.raises(ValueError, match="needs calibration windows"):
+            apply_recipe(tiny_model("llama"), PRESETS[name], None, log=None)
+    with pytest.raises(ValueError, match="trainer.max_epochs is set by lsr"):
+        LearnScales(LearnStep(), trainer={"max_epochs": 3})
+
+
 def test_presets_are_distinct_methods():
-    assert PRESETS["quarot"].points == [] and not PRESETS["quarot"].learn
-    assert PRESETS["smoothrot"].statistic == "max" and not PRESETS["smoothrot"].learn
-    assert PRESETS["quantile"].statistic == "quantile" and not PRESETS["quantile"].learn
-    assert PRESETS["lsr"].learn
+    assert PRESETS["quarot"].smooth is None and PRESETS["quarot"].learn is None
+    assert PRESETS["quarot"].rotate == RotateStep()
+    smoothrot = PRESETS["smoothrot"].smooth
+    assert smoothrot.statistic == "max" and smoothrot.points == ("down",) and not smoothrot.guard
+    assert PRESETS["smoothrot"].learn is None
+    assert PRESETS["quantile"].smooth.statistic == "quantile" and PRESETS["quantile"].learn is None
+    assert PRESETS["lsr"].learn is not None and PRESETS["lsr"].smooth == PRESETS["quantile"].smooth
+    for name in ("quarot", "smoothrot", "quantile", "lsr"):
+        assert PRESETS[name].weights == WeightStep()
+        gptq = PRESETS[f"{name}-gptq"]
+        assert gptq.weights.method == "gptq" and replace(gptq, name=name, weights=WeightStep()) == PRESETS[name]
+    assert len({repr(replace(r, name="")) for r in PRESETS.values()}) == len(PRESETS) == 8
+    for name, recipe in PRESETS.items():
+        assert recipe.name == name
+        assert Recipe.from_dict(recipe.to_dict()) == recipe
+        assert Recipe.from_name(name) == recipe
+    overridden = Recipe.from_name("lsr", learn={"epochs": 7}, smooth={"alpha": 0.3})
+    assert overridden.learn == replace(LearnStep(), epochs=7) and overridden.smooth.alpha == 0.3
+    assert overridden.smooth.points == PRESETS["lsr"].smooth.points
 
 
 def test_quantized_inputs_differ_from_fp_inputs():
-    engine = BlockwiseEngine(tiny_model("llama"), preset("quarot"), _windows(), batch_size=4)
+    recipe = PRESETS["quarot-gptq"]  # quarot itself calibrates nothing: GPTQ runs it through the pipeline
+    model = prepare_model(tiny_model("llama"), recipe)
+    pipeline = BlockPipeline(model, _windows(), act=recipe.activations, weight=recipe.weights.spec, batch_size=4,
+                             log=None)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        engine.run()
-    assert not torch.allclose(engine.x_q, engine.x_fp)
+        records = pipeline.run(recipe_hooks(recipe))
+    assert not torch.allclose(pipeline.x_q, pipeline.x_fp)
+    assert all(0 < r.error_final < 1 for r in records)

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-
 class LmEvalUnavailable(RuntimeError):
     """lm-eval is not installed (or not importable)."""
 

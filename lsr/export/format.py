@@ -8,6 +8,7 @@ unpacked with compressed-tensors' own `pack_to_int32` / `unpack_from_int32`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -18,14 +19,14 @@ from compressed_tensors.utils.match import is_match, match_name
 from torch import nn
 
 from lsr.hadamard import decompose
-from lsr.models.adapter import LINEAR_NAMES
+from lsr.models.adapter import LINEAR_NAMES, LLAMA
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 PACK_FORMAT = "pack-quantized"
 W4A4_GROUP, W8_GROUP = "group_0", "group_1"
 W4A4_TARGETS = ["re:.*\\.(" + "|".join(LINEAR_NAMES) + ")$"]
-R4_TARGETS = ["re:.*\\.mlp\\.down_proj$"]
+R4_TARGETS = ["re:.*\\." + re.escape(LLAMA.online_hadamard) + "$"]
 PACKED_PARAMS = ("weight_packed", "weight_scale", "weight_shape")
 HADAMARD_CONSTRUCTION = (
     "lsr.hadamard.hadamard_matrix(n) = (H_m ⊗ S_{2^k}) / sqrt(n), n = m·2^k with the smallest m of "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Any
 
@@ -51,8 +52,10 @@ class BlockModule(L.LightningModule):
         self.__dict__["walk"] = block  # the pipeline's view of this block (targets, inputs, quantizers): not a module
         self.step_cfg = step
         self.step_offset = step_offset
-        self.log_scales = nn.ParameterDict({p: nn.Parameter(t.detach().clone()) for p, t in block.log_scales.items()})
-        self.register_buffer("theta0", torch.cat([t.detach().flatten() for t in block.log_scales.values()]))
+        # An OrderedDict keeps the points' order (a plain dict would be sorted by ParameterDict).
+        self.log_scales = nn.ParameterDict(OrderedDict(
+            (p, nn.Parameter(t.detach().clone())) for p, t in block.log_scales.items()))
+        self.register_buffer("theta0", torch.cat([t.detach().flatten() for t in self.log_scales.values()]))
         init = block.record.error_init * block.target_power
         self.best_mse = init if math.isfinite(init) else block.mse(block.params())
         self.best = {p: t.detach().clone() for p, t in block.log_scales.items()}

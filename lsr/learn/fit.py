@@ -49,10 +49,12 @@ def quantize_(
 
 
 def run_fingerprint(model: str, recipe: Recipe, data: DataConfig, batch_size: int, trainer: dict | None) -> str:
-    """What must match for a killed run to resume: model, recipe, calibration data, batch size, trainer."""
+    """What must match for a killed run to resume: model, recipe, calibration data, batch size, and the trainer's
+    plain settings (precision, clipping, limits; objects such as callbacks are left out)."""
     calibration = {k: getattr(data, k) for k in ("source", "seq_len", "num_calibration", "seed")}
+    plain = {k: v for k, v in (trainer or {}).items() if isinstance(v, (str, int, float, bool, type(None)))}
     blob = json.dumps({"model": model, "recipe": recipe.to_dict(), "data": calibration, "batch_size": batch_size,
-                       "trainer": trainer or {}}, sort_keys=True, default=str)
+                       "trainer": plain}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

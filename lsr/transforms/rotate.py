@@ -51,7 +51,8 @@ def _rotate_heads(v_proj: nn.Linear, o_proj: nn.Linear, head_dim: int) -> None:
 def rotate_model(model: nn.Module, seed: int = 0, *, head_rotation: bool = True) -> nn.Module:
     """Fold norms, then apply R1 (random-sign Hadamard, size hidden), R2 (per head) and R4 (online, down_proj).
 
-    In place; returns `model`. The mapping's online-Hadamard target (down_proj) becomes a `QLinear` with ``online_hadamard=True`` whose weight absorbed H.
+    In place; returns `model`. The mapping's online-Hadamard target (down_proj) becomes a `QLinear` with
+    ``online_hadamard=True`` whose weight absorbed H.
     """
     adapter = adapter_for(model)
     fold_norms(model)

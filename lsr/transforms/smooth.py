@@ -4,12 +4,12 @@ A smoothing point (`lsr.models.SmoothingPoint`, named by the architecture mappin
 ``s`` (absorbed by its producer) and multiplies the consumers' input columns by ``s``, *before* the rotation that
 follows, so the quantizer sees ``(x / s)·H``. The three kinds, for LLaMA's points:
 
-- ``online_hadamard`` (``down``): down_proj input. ``W_up ← diag(1/s) W_up``; ``W_down ← (W_down⁰ diag(s)) H`` with W_down⁰ the
-  weight before the online Hadamard was absorbed.
+- ``online_hadamard`` (``down``): down_proj input. ``W_up ← diag(1/s) W_up``; ``W_down ← (W_down⁰ diag(s)) H`` with
+  W_down⁰ the weight before the online Hadamard was absorbed.
 - ``heads`` (``vo``): per kv head, v_proj outputs / o_proj inputs, before the head-wise Hadamard R2:
   with ``A(s) = Hᵀ diag(s) H``: ``W_v ← A(1/s) W_v``, ``b_v ← b_v A(1/s)``, ``W_o[:, h] ← W_o[:, h] A(s_{kv(h)})``.
-- ``norm`` (``qkv`` / ``gateup``): the norm-fed inputs, in the rotated basis (after R1): the norm weight (1 after folding)
-  becomes ``1/s`` and q/k/v (gate/up) columns absorb ``s``.
+- ``norm`` (``qkv`` / ``gateup``): the norm-fed inputs, in the rotated basis (after R1): the norm weight (1 after
+  folding) becomes ``1/s`` and q/k/v (gate/up) columns absorb ``s``.
 
 `smoothed_parameters` is used both for learning (as `functional_call` parameters, so gradients reach the
 log-scales) and for folding (the same tensors copied into the block): one code path, exact in float.
@@ -24,6 +24,7 @@ from torch import nn
 
 from lsr.hadamard import hadamard_matrix
 from lsr.models.adapter import ArchitectureMapping, SmoothingPoint
+
 
 @dataclass
 class BlockGeometry:
