@@ -8,6 +8,7 @@ import os
 
 import torch
 
+from lsr.kernels.config import DECODE_MAX_M, FP8_MIN_M
 from lsr.kernels.reference import quantize_per_token_int4, w4a4_matmul_reference
 
 __all__ = [
@@ -21,12 +22,6 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "reference", "triton", "fp8")
-DECODE_MAX_M = 16  # M <= this: the split-K GEMV kernel (tl.dot wants >= 16 rows, decode wants bytes read once)
-# M >= this (CUDA, FP8-capable): cuBLAS FP8 on widened operands instead of the Triton int4 GEMM. Per gpu.md the
-# in-loop-widening Triton GEMM runs 0.65-0.73x bf16 at M >= 2048 and FP8 (exact accumulation) 1.44-1.61x; the
-# FP8 path also widens the weights each call (1.5 weight-sized bytes), which only pays off once M is large.
-# Provisional: set it from benchmarks/kernels_h100.json once scripts/bench_kernels.py has run on an H100.
-FP8_MIN_M = 512
 
 
 class BackendUnavailableError(RuntimeError):
@@ -132,9 +127,12 @@ def w4a4_linear(
         if which == "triton":
             from lsr.kernels.w4a4_gemm import w4a4_decode, w4a4_gemm
 
-            a, s = quantize_int4(x2, hadamard=hadamard, hadamard_impl=hadamard_impl, precision=precision)
-            fn = w4a4_decode if M <= DECODE_MAX_M else w4a4_gemm
-            y = fn(a, s, packed_w, scale_w, x.dtype)
+            decode = M <= DECODE_MAX_M
+            a, s = quantize_int4(
+                x2, hadamard=hadamard, out="packed" if decode else "planes", hadamard_impl=hadamard_impl,
+                precision=precision,
+            )  # fmt: skip
+            y = (w4a4_decode if decode else w4a4_gemm)(a, s, packed_w, scale_w, x.dtype)
         else:
             from lsr.kernels.w4a4_gemm import w4a4_fp8_matmul, widen_int4_to_fp8
 
