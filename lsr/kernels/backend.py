@@ -99,6 +99,7 @@ def w4a4_linear(
     bias: torch.Tensor | None = None,
     hadamard_impl: str = "fused",
     precision: str = "exact",
+    w_fp8: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``Q_a(x [@ H_K]) @ Q_w^T``, rescaled, in ``x.dtype``: the W4A4 replacement of ``x @ W^T (+ bias)``.
 
@@ -107,7 +108,9 @@ def w4a4_linear(
     ``backend``: ``reference`` | ``triton`` (decode kernel for M <= 16, int4 GEMM above) | ``fp8`` (cuBLAS FP8
     prefill) | ``auto`` (CUDA + triton: decode kernel for M <= 16, FP8 for M >= ``FP8_MIN_M`` where supported,
     else the Triton GEMM; otherwise reference). ``hadamard_impl``/``precision``: see
-    :func:`lsr.kernels.hadamard_quant.quantize_int4` (Triton backends only).
+    :func:`lsr.kernels.hadamard_quant.quantize_int4` (Triton backends only). ``w_fp8``: the weights already
+    widened by :func:`lsr.kernels.w4a4_gemm.widen_int4_to_fp8` (a load-time copy of N·K bytes, twice the packed
+    weights) so the ``fp8`` backend skips widening them on every call; without it each call widens them.
     """
     K = x.shape[-1]
     if packed_w.dtype != torch.uint8 or packed_w.dim() != 2 or packed_w.shape[1] * 2 != K:
@@ -137,7 +140,8 @@ def w4a4_linear(
             from lsr.kernels.w4a4_gemm import w4a4_fp8_matmul, widen_int4_to_fp8
 
             a8, s = quantize_int4(x2, hadamard=hadamard, out="fp8", hadamard_impl=hadamard_impl, precision=precision)
-            y = w4a4_fp8_matmul(a8, s, widen_int4_to_fp8(packed_w), scale_w, x.dtype)
+            w8 = w_fp8 if w_fp8 is not None else widen_int4_to_fp8(packed_w)
+            y = w4a4_fp8_matmul(a8, s, w8, scale_w, x.dtype)
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.reshape(*lead, N)
