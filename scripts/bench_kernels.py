@@ -6,6 +6,9 @@ Default run (LLaMA-3-8B linear shapes N×K ∈ {4096×4096, 14336×4096, 4096×1
 * ``bf16``           torch ``x @ w.T`` (cuBLAS), the baseline of every ratio
 * ``fp8``            ``torch._scaled_mm`` FP8 e4m3 with row-wise scales, ``use_fast_accum=True`` (the peer to beat;
                      GEMM only, operands already FP8)
+* ``fp8_act_quant``  the FP8 peer's own row-wise activation quantization alone
+* ``fp8_with_act_quant``  the peer as a user runs it: activation quantization + GEMM (compare with ``lsr_H_*``)
+* ``lsr_fp8_prewidened``  lsr's FP8 path with weights widened once beforehand (a load-time FP8 copy)
 * ``lsr_gemm``       lsr W4A4 product alone on packed int4 operands (decode kernel for M <= 16, else Triton GEMM)
 * ``lsr_decode_fma`` / ``lsr_decode_split1``  (M <= 16) the decode kernel with float32 FMA instead of dp4a / no split-K
 * ``lsr_tc_gemm``    the Triton tensor-core GEMM at every M (for the decode-kernel crossover)
@@ -23,8 +26,9 @@ set, rotating enough sets to spill the 50 MB L2. Results print as markdown and g
 tokens/s (decode step captured in a CUDA graph with a static KV cache), bf16 vs every decoder linear replaced by
 ``w4a4_linear`` (down_proj with the online Hadamard, its weight pre-rotated), and weight memory.
 
-``--compile-report`` compiles every kernel variant for sm_90 with Triton's bundled ptxas and prints registers,
-stack (spills), shared memory and SASS op counts (wide loads, IGMMA/IDP, local memory): no GPU needed.
+``--compile-report`` runs ``python -m lsr.kernels.compile_check``: every kernel variant compiled for sm_90 with
+Triton's bundled ptxas; registers, stack (spills), shared memory, CTAs/SM, shared-memory writes in loops, SASS op
+counts. No GPU needed.
 
 Everything else needs CUDA; on a machine without it, it says so and exits.
 """
@@ -34,8 +38,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -48,9 +52,15 @@ SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336))  # (N, K): q/o-like, gate/
 MS = (1, 16, 128, 2048, 8192)
 
 
+def _default_out() -> str:
+    out_dir = os.environ.get("OUT")
+    return str(Path(out_dir) / "kernels_h100.json") if out_dir else "benchmarks/kernels_h100.json"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--out", default="benchmarks/kernels_h100.json", help="JSON output path")
+    p.add_argument("--out", default=_default_out(), help="JSON output path (default: $OUT/kernels_h100.json when $OUT\n"
+                   "is set, which is what comes back from the GPU machine; else benchmarks/kernels_h100.json)")
     p.add_argument("--ms", default=",".join(map(str, MS)), help="comma-separated token counts M")
     p.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES), help="comma-separated NxK")
     p.add_argument("--quant-ks", default="4096,14336", help="K values for the Hadamard+quant-alone section")
@@ -146,8 +156,10 @@ def _gemm_methods(
     ws8 = [(w8, sw8)] + [_fp8_rowwise(torch.randn_like(w)) for _ in range(n_w8 - 1)]
     xs8 = [_fp8_rowwise(xs[i % ns]) for i in range(n_w8)]
     pws = [(pw, sw)] + [quantize_weight_int4(torch.randn_like(w)) for _ in range(ns - 1)]
-    pas = [quantize_int4(xi, hadamard=False) for xi in xs]
+    pas = [quantize_int4(xi, hadamard=False, out="packed" if m <= 16 else "planes") for xi in xs]
+    pls = [quantize_int4(xi, hadamard=False, out="planes") for xi in xs]  # the tensor-core GEMM's operand
     qa8 = [quantize_int4(xi, hadamard=False, out="fp8") for xi in xs]
+    pws8 = [widen_int4_to_fp8(p) for p, _ in pws]  # widened once, as a load-time FP8 copy would be
     small = w4a4_decode if m <= 16 else w4a4_gemm
 
     def fp8_peer(i: int) -> torch.Tensor:
@@ -155,11 +167,20 @@ def _gemm_methods(
         return torch._scaled_mm(xa, wb.t(), scale_a=sa.view(-1, 1), scale_b=sb.view(1, -1),
                                 out_dtype=torch.bfloat16, use_fast_accum=True)  # fmt: skip
 
+    def fp8_peer_with_quant(i: int) -> torch.Tensor:  # the peer as a user runs it: quantize x, then the GEMM
+        xa, sa = _fp8_rowwise(xs[i % ns])
+        wb, sb = ws8[i]
+        return torch._scaled_mm(xa, wb.t(), scale_a=sa.view(-1, 1), scale_b=sb.view(1, -1),
+                                out_dtype=torch.bfloat16, use_fast_accum=True)  # fmt: skip
+
     methods: dict[str, tuple[Callable[[int], object], int]] = {
         "bf16": (lambda i: xs[i % ns] @ ws_bf16[i].T, n_w),
         "fp8": (fp8_peer, n_w8),
+        "fp8_act_quant": (lambda i: _fp8_rowwise(xs[i % ns]), ns),
+        "fp8_with_act_quant": (fp8_peer_with_quant, n_w8),
         "lsr_gemm": (lambda i: small(pas[i][0], pas[i][1], *pws[i], torch.bfloat16), ns),
-        "lsr_tc_gemm": (lambda i: w4a4_gemm(pas[i][0], pas[i][1], *pws[i], torch.bfloat16), ns),
+        "lsr_tc_gemm": (lambda i: w4a4_gemm(pls[i][0], pls[i][1], *pws[i], torch.bfloat16), ns),
+        "lsr_fp8_prewidened": (lambda i: w4a4_fp8_matmul(qa8[i][0], qa8[i][1], pws8[i], pws[i][1]), ns),
         "lsr_fp8_gemm": (
             lambda i: w4a4_fp8_matmul(qa8[i][0], qa8[i][1], widen_int4_to_fp8(pws[i][0]), pws[i][1]),
             ns,
@@ -181,11 +202,84 @@ def _gemm_methods(
     return methods
 
 
-def bench_gemm(args: argparse.Namespace, results: dict) -> None:
-    from lsr.kernels import quantize_weight_int4, w4a4_matmul_reference
+def _min_bytes(method: str, m: int, n: int, k: int) -> int:
+    """Fewest bytes ``method`` must move (weights, activations and output once each): achieved GB/s = this / time.
+
+    Weight bytes: bf16 2·N·K, FP8 N·K, packed int4 N·K/2 (``lsr_fp8_gemm`` also writes and reads an FP8 copy).
+    """
+    out = 2 * m * n
+    if method == "bf16":
+        return 2 * n * k + 2 * m * k + out
+    if method == "fp8_act_quant":
+        return 2 * m * k + m * k + 4 * m
+    if method in ("fp8", "lsr_fp8_prewidened"):
+        return n * k + m * k + out
+    if method == "fp8_with_act_quant":
+        return n * k + 2 * m * k + out
+    if method == "lsr_fp8_gemm":
+        return n * k // 2 + 2 * n * k + m * k + out
+    if method.startswith("lsr_H"):
+        return n * k // 2 + 2 * m * k + out
+    return n * k // 2 + (m * k // 2 if m <= 16 else m * k) + out  # packed (decode) or int8-plane activations
+
+
+def _check(c: dict, name: str, fn: Callable[[], object]) -> None:
+    """``c[name] = fn()``, or the error: a failing check is recorded, never aborts the run."""
+    try:
+        c[name] = fn()
+    except Exception as e:  # noqa: BLE001
+        c[name] = f"error: {type(e).__name__}: {e}"
+
+
+def _checks(x: torch.Tensor, pw: torch.Tensor, sw: torch.Tensor, n: int, k: int, m: int) -> dict:
+    """Exactness at a real shape: the default paths, every GEMM autotune config, FP8 sums, the fused H+quant."""
+    from lsr.kernels import w4a4_accumulate_reference, w4a4_matmul_reference
     from lsr.kernels.hadamard_quant import quantize_int4
     from lsr.kernels.reference import quantize_per_token_int4, unpack_int4
-    from lsr.kernels.w4a4_gemm import w4a4_decode, w4a4_fp8_matmul, w4a4_gemm, widen_int4_to_fp8
+    from lsr.kernels.w4a4_gemm import gemm_configs, w4a4_decode, w4a4_fp8_matmul, w4a4_gemm, widen_int4_to_fp8
+
+    c: dict = {"N": n, "K": k, "M": m}
+    qa, sa = quantize_per_token_int4(x, hadamard=False)
+    ref = w4a4_matmul_reference(qa, sa, pw, sw, torch.bfloat16)
+    ref_acc = w4a4_accumulate_reference(qa, pw)
+    pa = quantize_int4(x, hadamard=False)[0]
+    planes = quantize_int4(x, hadamard=False, out="planes")[0]
+    if m <= 16:
+        for impl in ("dp4a", "fma"):
+            _check(c, f"decode_{impl}_exact",
+                   lambda impl=impl: bool(torch.equal(w4a4_decode(pa, sa, pw, sw, raw=True, impl=impl), ref_acc)))
+    default_gemm = w4a4_decode if m <= 16 else w4a4_gemm
+    a_default = pa if m <= 16 else planes
+    _check(c, "lsr_gemm_bf16_equal",
+           lambda: bool(torch.equal(default_gemm(a_default, sa, pw, sw, torch.bfloat16), ref)))
+    for cfg in gemm_configs():  # autotune only ever runs the fastest: check each one here
+        kw = cfg.kwargs
+        name = f"gemm_exact n{kw['BLOCK_N']} m{kw['BLOCK_M']} kh{kw['BLOCK_KH']} w{cfg.num_warps} s{cfg.num_stages}"
+        conf = dict(kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        _check(c, name, lambda conf=conf: bool(torch.equal(w4a4_gemm(planes, sa, pw, sw, raw=True, config=conf),
+                                                           ref_acc)))  # fmt: skip
+    a8, w8x = qa.float().to(torch.float8_e4m3fn), widen_int4_to_fp8(pw)
+    one_a, one_w = torch.ones_like(sa), torch.ones_like(sw)
+    _check(c, "fp8_path_exact_int_sums",
+           lambda: bool(torch.equal(w4a4_fp8_matmul(a8, one_a, w8x, one_w, torch.float32), ref_acc.float())))
+    _check(c, "fp8_path_bf16_equal_frac",
+           lambda: float((w4a4_fp8_matmul(a8, sa, w8x, sw, torch.bfloat16) == ref).float().mean()))  # fmt: skip
+
+    def hadamard() -> dict:
+        ph, sh = quantize_int4(x, hadamard=True)
+        qh, shr = quantize_per_token_int4(x, hadamard=True)
+        d = (unpack_int4(ph).int() - qh.int()).abs()
+        return {"mismatch_frac": float((d > 0).float().mean()), "max_diff": int(d.max()),
+                "scale_max_rel": float(((sh - shr).abs() / shr).max())}  # fmt: skip
+
+    _check(c, "hadamard_quant", hadamard)
+    bad = [key for key, v in c.items() if v is False or (isinstance(v, str) and v.startswith("error"))]
+    print(f"check N={n} K={k} M={m}: {'all exact' if not bad else 'FAILED ' + ', '.join(bad)}", flush=True)
+    return c
+
+
+def bench_gemm(args: argparse.Namespace, results: dict) -> None:
+    from lsr.kernels import quantize_weight_int4
 
     ms_list = [int(m) for m in args.ms.split(",")]
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -198,27 +292,7 @@ def bench_gemm(args: argparse.Namespace, results: dict) -> None:
         for m in ms_list:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             if not args.skip_checks:
-                qa, sa = quantize_per_token_int4(x, hadamard=False)
-                pa = quantize_int4(x, hadamard=False)[0]
-                ref = w4a4_matmul_reference(qa, sa, pw, sw, torch.bfloat16)
-                fn = w4a4_decode if m <= 16 else w4a4_gemm
-                c = {"N": n, "K": k, "M": m}
-                c["lsr_gemm_exact"] = bool(torch.equal(fn(pa, sa, pw, sw, torch.bfloat16), ref))
-                a8, w8x = qa.float().to(torch.float8_e4m3fn), widen_int4_to_fp8(pw)
-                one_a, one_w = torch.ones_like(sa), torch.ones_like(sw)
-                acc = w4a4_fp8_matmul(a8, one_a, w8x, one_w, torch.float32)
-                ref_acc = w4a4_matmul_reference(qa, one_a, pw, one_w, torch.float32)
-                c["fp8_path_exact_int_sums"] = bool(torch.equal(acc, ref_acc))
-                y8 = w4a4_fp8_matmul(a8, sa, w8x, sw, torch.bfloat16)  # row-wise scales in cuBLAS's epilogue
-                c["fp8_path_bf16_equal_frac"] = float((y8 == ref).float().mean())
-                ph, sh = quantize_int4(x, hadamard=True)
-                qh, shr = quantize_per_token_int4(x, hadamard=True)
-                d = (unpack_int4(ph).int() - qh.int()).abs()
-                c["hadamard_quant_mismatch_frac"] = float((d > 0).float().mean())
-                c["hadamard_quant_max_diff"] = int(d.max())
-                c["hadamard_scale_max_rel"] = float(((sh - shr).abs() / shr).max())
-                checks.append(c)
-                print(f"check N={n} K={k} M={m}: {c}")
+                checks.append(_checks(x, pw, sw, n, k, m))
             methods = _gemm_methods(w, w8, sw8, pw, sw, m)
             times: dict[str, float] = {}
             for name, (call, nsets) in methods.items():
@@ -230,7 +304,8 @@ def bench_gemm(args: argparse.Namespace, results: dict) -> None:
                     continue
                 times[name] = t
                 rows.append({"N": n, "K": k, "M": m, "method": name, "ms": t, "timing": mode, "sets": nsets,
-                             "tflops": 2 * m * n * k / (t * 1e-3) / 1e12})  # fmt: skip
+                             "tflops": 2 * m * n * k / (t * 1e-3) / 1e12,
+                             "GBps": _min_bytes(name, m, n, k) / (t * 1e-3) / 1e9})  # fmt: skip
             for r in rows:
                 if r.get("N") == n and r.get("K") == k and r.get("M") == m and "ms" in r:
                     r["x_bf16"] = times["bf16"] / r["ms"] if "bf16" in times else None
@@ -363,16 +438,15 @@ def _decode_step(model, tok, cache, cpos, ppos) -> Callable[[], object]:
 
 @torch.no_grad()
 def _measure(model, config, args: argparse.Namespace, label: str) -> dict:
-    import triton
 
     out: dict = {"weights": _weight_bytes(model), "memory_allocated_GB": torch.cuda.memory_allocated() / 1e9}
     vocab = config.vocab_size
     ids = torch.randint(0, vocab, (1, args.prefill_len), device="cuda")
     prefill = lambda: model.model(input_ids=ids, use_cache=False)  # decoder stack; lm_head is the same in both
-    prefill()
-    torch.cuda.synchronize()
-    t = triton.testing.do_bench(prefill, warmup=args.warmup_ms, rep=max(args.rep_ms, 500), return_mode="median")
-    out["prefill"] = {"tokens": args.prefill_len, "ms": t, "tokens_per_s": args.prefill_len / (t * 1e-3)}
+    # GPU time of the whole forward, replayed from a CUDA graph (no host launch gaps); eager events if capture fails
+    t, mode = _bench(lambda i: prefill(), 1, args.warmup_ms, max(args.rep_ms, 500))
+    out["prefill"] = {"tokens": args.prefill_len, "ms": t, "timing": mode,
+                      "tokens_per_s": args.prefill_len / (t * 1e-3)}  # fmt: skip
     print(f"[{label}] prefill {args.prefill_len} tokens: {t:.2f} ms, {args.prefill_len / t * 1e3:.0f} tok/s")
     out["decode"] = []
     for batch in (int(b) for b in args.decode_batch.split(",")):
@@ -433,124 +507,11 @@ def bench_e2e(args: argparse.Namespace, results: dict) -> None:
 # ----------------------------------------------------------------------------------------------- compile report
 
 
-def _kernel_cases() -> list[tuple[str, object, dict[str, str], dict, int, int]]:
-    """(label, kernel, signature of runtime args, constexprs, num_warps, num_stages) for the shapes benchmarked."""
-    from lsr.kernels import hadamard_quant as hq
-    from lsr.kernels import w4a4_gemm as wg
-
-    f32, u8, bf16, i32 = "*fp32", "*u8", "*bf16", "i32"
-    hq_sig = {"x_ptr": bf16, "out_ptr": u8, "scale_ptr": f32, "hm_ptr": bf16, "h1_ptr": bf16, "h2_ptr": bf16,
-              "M": i32, "stride_xm": i32, "stride_om": i32, "norm": "fp32"}  # fmt: skip
-    q_sig = {
-        "x_ptr": bf16,
-        "out_ptr": u8,
-        "scale_ptr": f32,
-        "M": i32,
-        "K": i32,
-        "stride_xm": i32,
-        "stride_om": i32,
-    }
-    g_sig = {"a_ptr": u8, "w_ptr": u8, "sa_ptr": f32, "sw_ptr": f32, "out_ptr": bf16, "M": i32, "N": i32, "KH": i32,
-             "stride_am": i32, "stride_wn": i32, "stride_om": i32, "M_BUCKET": i32}  # fmt: skip
-    d_sig = {"a_ptr": u8, "w_ptr": u8, "sa_ptr": f32, "sw_ptr": f32, "out_ptr": bf16, "ws_ptr": f32, "M": i32, "N": i32,
-             "KH": i32, "stride_am": i32, "stride_wn": i32, "stride_om": i32, "CHUNKS": i32}  # fmt: skip
-    d4_sig = dict(d_sig, a_ptr="*i32", w_ptr="*i32")
-    d4_sig = {("KW" if k == "KH" else k): v for k, v in d4_sig.items()}
-    cases = []
-    for k, c, warps in [
-        (4096, dict(BLOCK_M=2, MM=1, MP=1, N1=64, N2=64), 8),
-        (14336, dict(BLOCK_M=1, MM=28, MP=32, N1=16, N2=32), 16),
-        (14336, dict(BLOCK_M=1, MM=28, MP=32, N1=16, N2=32), 8),
-    ]:
-        const = dict(c, NSPLIT_IN=1, NSPLIT=3, OUT_FP8=False, F32DOT=False)
-        cases.append((f"hadamard_quant K={k} warps={warps}", hq._hadamard_quant_kernel, hq_sig, const, warps, 3))
-    for kp, bm in ((4096, 2), (16384, 1)):
-        const = dict(BLOCK_M=bm, KP=kp, OUT_FP8=False)
-        cases.append((f"quant (no H) KP={kp}", hq._quant_kernel, q_sig, const, 8, 3))
-    for cfg in wg._hopper_configs():
-        const = dict(cfg.kwargs, EVEN_K=True, RAW=False)
-        label = "gemm " + "x".join(str(cfg.kwargs[x]) for x in ("BLOCK_M", "BLOCK_N", "BLOCK_KH"))
-        cases.append((label + f" w{cfg.num_warps} s{cfg.num_stages}", wg._w4a4_gemm_kernel, g_sig, const,
-                      cfg.num_warps, cfg.num_stages))  # fmt: skip
-    for bm, (bn, bk) in wg._DP4A_TILES.items():
-        const = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_KW=bk, SPLIT_K=2, RAW=False, EMULATE=False)
-        cases.append((f"decode dp4a M<={bm} {bn}x{bk}w", wg._w4a4_decode_dp4a_kernel, d4_sig, const, 4, 3))
-    fp8 = "*fp8e4nv"
-    const = dict(BLOCK_M=1, MM=28, MP=32, N1=16, N2=32, NSPLIT_IN=1, NSPLIT=3, OUT_FP8=True, F32DOT=False)
-    cases.append(("hadamard_quant K=14336 -> fp8", hq._hadamard_quant_kernel, dict(hq_sig, out_ptr=fp8), const, 16, 3))
-    w_sig = {"p_ptr": u8, "out_ptr": fp8, "R": i32, "KH": i32}
-    cases.append(("widen int4 -> fp8", wg._widen_fp8_kernel, w_sig, dict(BLOCK_R=16, BLOCK_KH=128), 4, 3))
-    e_sig = {"ws_ptr": f32, "sa_ptr": f32, "sw_ptr": f32, "out_ptr": bf16, "M": i32, "N": i32, "stride_om": i32}
-    const = dict(SPLIT_K=8, BLOCK_MP=1, BLOCK_M=1, BLOCK_N=128, RAW=False)
-    cases.append(("split-K epilogue", wg._splitk_epilogue_kernel, e_sig, const, 4, 3))
-    for bm, (bn, bk) in wg._DECODE_TILES.items():
-        const = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_KH=bk, SPLIT_K=2, RAW=False)
-        cases.append((f"decode fma M<={bm} {bn}x{bk}B", wg._w4a4_decode_kernel, d_sig, const, 4, 3))
-    return cases
-
-
-_SASS_OP = re.compile(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Z0-9_]+)*)", re.M)
-
-
 def compile_report(args: argparse.Namespace) -> int:
-    """Compile every kernel variant for sm_90 with ptxas (no GPU needed) and print resources and key SASS ops.
+    """Compile every kernel variant for ``sm_<arch>`` with ptxas (no GPU needed): :mod:`lsr.kernels.compile_check`."""
+    from lsr.kernels import compile_check
 
-    Runtime ints and pointers are marked divisible by 16, as a launch with aligned LLaMA shapes specialises them.
-    """
-    import collections
-    import os
-    import subprocess
-    import tempfile
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    target = GPUTarget("cuda", args.arch, 32)
-    watch = (
-        "LDG",
-        "STG",
-        "LDL",
-        "STL",
-        "IGMMA",
-        "HGMMA",
-        "QGMMA",
-        "IMMA",
-        "HMMA",
-        "IDP",
-        "FFMA",
-        "SHFL",
-        "BAR",
-    )
-    print(f"| kernel | regs | stack | smem | {' | '.join(watch)} |")
-    print("|---|---|---|---|" + "---|" * len(watch))
-    for label, fn, sig, const, warps, stages in _kernel_cases():
-        full = {**sig, **{k: "constexpr" for k in const}}
-        attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, v in sig.items() if v != "fp32"}
-        try:
-            kern = triton.compile(
-                ASTSource(fn=fn, signature=full, constexprs=const, attrs=attrs), target=target,
-                options={"num_warps": warps, "num_stages": stages},
-            )  # fmt: skip
-        except Exception as e:  # noqa: BLE001
-            print(f"| {label} | compile failed: {type(e).__name__}: {str(e).splitlines()[0][:120]} |")
-            continue
-        with tempfile.TemporaryDirectory() as d:
-            cubin = os.path.join(d, "k.cubin")
-            Path(cubin).write_bytes(kern.asm["cubin"])
-            res = subprocess.run([bindir / "cuobjdump", "-res-usage", cubin], capture_output=True, text=True).stdout
-            sass = subprocess.run([bindir / "cuobjdump", "-sass", cubin], capture_output=True, text=True).stdout
-        regs = re.search(r"REG:(\d+)", res)
-        stack = re.search(r"STACK:(\d+)", res)
-        ops = collections.Counter(m.group(1) + (m.group(2) or "") for m in _SASS_OP.finditer(sass))
-        cells = []
-        for w in watch:
-            hits = {k: v for k, v in ops.items() if k.split(".")[0].startswith(w)}
-            cells.append(" ".join(f"{k.removeprefix(w)}:{v}" if k != w else str(v) for k, v in sorted(hits.items())))
-        print(f"| {label} | {regs.group(1) if regs else '?'} | {stack.group(1) if stack else '?'} | "
-              f"{kern.metadata.shared} | " + " | ".join(cells) + " |", flush=True)  # fmt: skip
-    return 0
+    return compile_check.main(["--arch", str(args.arch)])
 
 
 # ----------------------------------------------------------------------------------------------- report

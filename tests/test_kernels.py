@@ -133,6 +133,9 @@ def test_quant_kernel_plain_bit_exact(K, dtype):
         q_ref, s_ref = quantize_per_token_int4(x)
         assert torch.equal(unpack_int4(p.cpu()), q_ref)
         assert torch.equal(s.cpu(), s_ref)
+        planes, s2 = hq.quantize_int4(x.to(DEV), hadamard=False, out="planes")  # the GEMM's operand layout
+        assert planes.dtype == torch.int8 and torch.equal(s2.cpu(), s_ref)
+        assert torch.equal(planes.cpu(), torch.cat([q_ref[:, 0::2], q_ref[:, 1::2]], dim=1))
 
 
 def test_quant_kernel_rounds_ties_to_even():
@@ -157,6 +160,8 @@ def test_quant_kernel_hadamard_matches_reference(K, dtype, precision):
         x = (torch.randn(M, K, generator=_gen(20 + i)) * 2).to(dtype)
         p, s = hq.quantize_int4(x.to(DEV), hadamard=True, precision=precision)
         q_ref, s_ref = quantize_per_token_int4(x, hadamard=True)
+        planes = hq.quantize_int4(x.to(DEV), hadamard=True, precision=precision, out="planes")[0]
+        assert torch.equal(planes.cpu(), wg.to_planes(p).cpu())  # same integers, GEMM layout
         d = (unpack_int4(p.cpu()).int() - q_ref.int()).abs()
         assert int(d.max()) <= 1
         total += d.numel()
@@ -214,6 +219,8 @@ def test_gemm_exact(N, K):
         acc = wg.w4a4_gemm(pa, sa, pw, sw, raw=True)
         assert acc.dtype == torch.int32
         assert torch.equal(acc.cpu(), w4a4_accumulate_reference(qa, qw))
+        planes = torch.cat([qa[:, 0::2], qa[:, 1::2]], dim=1).to(DEV)  # the kernel's own operand layout
+        assert torch.equal(wg.w4a4_gemm(planes, sa, pw, sw, raw=True).cpu(), acc.cpu())
         # ragged K tile (KH % 64 != 0 for K = 384, 448), N not a multiple of BLOCK_N
         acc2 = wg.w4a4_gemm(pa, sa, pw, sw, raw=True, config=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_KH=64))
         assert torch.equal(acc2.cpu(), acc.cpu())
@@ -222,6 +229,18 @@ def test_gemm_exact(N, K):
             ref = w4a4_matmul_reference(qa, sa.cpu(), qw, sw.cpu(), dt)
             assert y.dtype == dt
             assert torch.equal(y, ref) if dt != torch.bfloat16 else _ulp_close(y, ref)
+
+
+def test_gemm_every_autotune_config_exact():
+    """Each candidate autotune may pick, at a ragged shape (partial tiles on every side, KH % BLOCK_KH != 0)."""
+    M, N, K = 37, 200, 704
+    qa, qw = _rand_q((M, K), 52), _rand_q((N, K), 53)
+    pa, pw = pack_int4(qa).to(DEV), pack_int4(qw).to(DEV)
+    sa, sw = torch.ones(M, device=DEV), torch.ones(N, device=DEV)
+    want = w4a4_accumulate_reference(qa, qw)
+    for cfg in wg.gemm_configs():
+        got = wg.w4a4_gemm(pa, sa, pw, sw, raw=True, config=dict(cfg.kwargs))
+        assert torch.equal(got.cpu(), want), cfg
 
 
 @pytest.mark.parametrize("split_k", [1, 3] if DEV == "cpu" else [1, 3, None])  # None: auto split (CUDA)
@@ -235,7 +254,7 @@ def test_decode_exact(K, impl, split_k):
         with pytest.raises(ValueError, match="dp4a"):
             wg.w4a4_decode(pack_int4(_rand_q((1, K), 1)).to(DEV), torch.ones(1, device=DEV), pw, sw, impl=impl)
         impl = "auto"  # falls back to fma
-    for M in (1, 5, 16):
+    for M in (1, 2, 3, 5, 16):  # every padded-M tile: 1, 2, 4, 8, 16
         qa = _rand_q((M, K), 90 + M)
         pa, sa = pack_int4(qa).to(DEV), (torch.rand(M, generator=_gen(91)) + 0.01).to(DEV)
         acc = wg.w4a4_decode(pa, sa, pw, sw, raw=True, impl=impl, split_k=split_k)

@@ -8,6 +8,7 @@ import os
 
 import torch
 
+from lsr.kernels.config import DECODE_MAX_M, FP8_MIN_M
 from lsr.kernels.reference import quantize_per_token_int4, w4a4_matmul_reference
 
 __all__ = [
@@ -21,12 +22,6 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "reference", "triton", "fp8")
-DECODE_MAX_M = 16  # M <= this: the split-K GEMV kernel (tl.dot wants >= 16 rows, decode wants bytes read once)
-# M >= this (CUDA, FP8-capable): cuBLAS FP8 on widened operands instead of the Triton int4 GEMM. Per gpu.md the
-# in-loop-widening Triton GEMM runs 0.65-0.73x bf16 at M >= 2048 and FP8 (exact accumulation) 1.44-1.61x; the
-# FP8 path also widens the weights each call (1.5 weight-sized bytes), which only pays off once M is large.
-# Provisional: set it from benchmarks/kernels_h100.json once scripts/bench_kernels.py has run on an H100.
-FP8_MIN_M = 512
 
 
 class BackendUnavailableError(RuntimeError):
@@ -104,6 +99,7 @@ def w4a4_linear(
     bias: torch.Tensor | None = None,
     hadamard_impl: str = "fused",
     precision: str = "exact",
+    w_fp8: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``Q_a(x [@ H_K]) @ Q_w^T``, rescaled, in ``x.dtype``: the W4A4 replacement of ``x @ W^T (+ bias)``.
 
@@ -112,7 +108,9 @@ def w4a4_linear(
     ``backend``: ``reference`` | ``triton`` (decode kernel for M <= 16, int4 GEMM above) | ``fp8`` (cuBLAS FP8
     prefill) | ``auto`` (CUDA + triton: decode kernel for M <= 16, FP8 for M >= ``FP8_MIN_M`` where supported,
     else the Triton GEMM; otherwise reference). ``hadamard_impl``/``precision``: see
-    :func:`lsr.kernels.hadamard_quant.quantize_int4` (Triton backends only).
+    :func:`lsr.kernels.hadamard_quant.quantize_int4` (Triton backends only). ``w_fp8``: the weights already
+    widened by :func:`lsr.kernels.w4a4_gemm.widen_int4_to_fp8` (a load-time copy of N·K bytes, twice the packed
+    weights) so the ``fp8`` backend skips widening them on every call; without it each call widens them.
     """
     K = x.shape[-1]
     if packed_w.dtype != torch.uint8 or packed_w.dim() != 2 or packed_w.shape[1] * 2 != K:
@@ -132,14 +130,18 @@ def w4a4_linear(
         if which == "triton":
             from lsr.kernels.w4a4_gemm import w4a4_decode, w4a4_gemm
 
-            a, s = quantize_int4(x2, hadamard=hadamard, hadamard_impl=hadamard_impl, precision=precision)
-            fn = w4a4_decode if M <= DECODE_MAX_M else w4a4_gemm
-            y = fn(a, s, packed_w, scale_w, x.dtype)
+            decode = M <= DECODE_MAX_M
+            a, s = quantize_int4(
+                x2, hadamard=hadamard, out="packed" if decode else "planes", hadamard_impl=hadamard_impl,
+                precision=precision,
+            )  # fmt: skip
+            y = (w4a4_decode if decode else w4a4_gemm)(a, s, packed_w, scale_w, x.dtype)
         else:
             from lsr.kernels.w4a4_gemm import w4a4_fp8_matmul, widen_int4_to_fp8
 
             a8, s = quantize_int4(x2, hadamard=hadamard, out="fp8", hadamard_impl=hadamard_impl, precision=precision)
-            y = w4a4_fp8_matmul(a8, s, widen_int4_to_fp8(packed_w), scale_w, x.dtype)
+            w8 = w_fp8 if w_fp8 is not None else widen_int4_to_fp8(packed_w)
+            y = w4a4_fp8_matmul(a8, s, w8, scale_w, x.dtype)
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.reshape(*lead, N)

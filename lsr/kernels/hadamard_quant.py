@@ -25,7 +25,18 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["HadamardPlan", "hadamard_plan", "quantize_int4", "fht_hadamard", "interpreting"]
+__all__ = [
+    "HadamardPlan",
+    "Launch",
+    "OUT_KINDS",
+    "fht_hadamard",
+    "hadamard_launch",
+    "hadamard_plan",
+    "interpreting",
+    "plan_dims",
+    "quant_launch",
+    "quantize_int4",
+]
 
 
 def interpreting() -> bool:
@@ -84,7 +95,7 @@ def _hadamard_quant_kernel(
     x_ptr, out_ptr, scale_ptr, hm_ptr, h1_ptr, h2_ptr,
     M, stride_xm, stride_om, norm,
     BLOCK_M: tl.constexpr, MM: tl.constexpr, MP: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr,
-    NSPLIT_IN: tl.constexpr, NSPLIT: tl.constexpr, OUT_FP8: tl.constexpr, F32DOT: tl.constexpr,
+    NSPLIT_IN: tl.constexpr, NSPLIT: tl.constexpr, OUT: tl.constexpr, F32DOT: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -123,21 +134,25 @@ def _hadamard_quant_kernel(
     tl.store(scale_ptr + rows, tl.where(amax == 0.0, 1.0, s * norm), mask=rows < M)
     den = tl.broadcast_to(safe[:, None, None, None], (BLOCK_M, MP, N1, N2))
     q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(y, den)), -8.0), 7.0)
-    if OUT_FP8:
-        tl.store(out_ptr + row_off * stride_om + col[None], q.to(out_ptr.dtype.element_ty), mask=mask)
+    if OUT == "fp8":  # via bf16 (exact for these integers): half the registers of the float32 tile
+        tl.store(out_ptr + row_off * stride_om + col[None], q.to(tl.bfloat16).to(out_ptr.dtype.element_ty), mask=mask)
     else:
-        qi = tl.reshape(q.to(tl.int32), (BLOCK_M, MP, N1, N2 // 2, 2))
-        lo, hi = tl.split(qi)
-        byte = ((lo & 15) | ((hi & 15) << 4)).to(tl.uint8)
+        # even / odd K indices, split as int8 (a quarter of the registers of int32 halves)
+        lo, hi = tl.split(tl.reshape(q.to(tl.int8), (BLOCK_M, MP, N1, N2 // 2, 2)))
         jh = tl.arange(0, N2 // 2)
         colh = a[:, None, None] * (N1 * N2 // 2) + j1[None, :, None] * (N2 // 2) + jh[None, None, :]
-        tl.store(out_ptr + row_off * stride_om + colh[None], byte, mask=mask)
+        if OUT == "packed":
+            byte = ((lo & 15) | (hi << 4)).to(tl.uint8, bitcast=True)
+            tl.store(out_ptr + row_off * stride_om + colh[None], byte, mask=mask)
+        else:  # "planes": int8, even K indices in the first half of the row, odd ones in the second
+            tl.store(out_ptr + row_off * stride_om + colh[None], lo, mask=mask)
+            tl.store(out_ptr + row_off * stride_om + (MM * N1 * N2 // 2) + colh[None], hi, mask=mask)
 
 
 @triton.jit
 def _quant_kernel(
     x_ptr, out_ptr, scale_ptr, M, K, stride_xm, stride_om,
-    BLOCK_M: tl.constexpr, KP: tl.constexpr, OUT_FP8: tl.constexpr,
+    BLOCK_M: tl.constexpr, KP: tl.constexpr, OUT: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -151,17 +166,19 @@ def _quant_kernel(
     safe = tl.where(amax == 0.0, 1.0, s)
     tl.store(scale_ptr + rows, safe, mask=rows < M)
     q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(x, tl.broadcast_to(safe[:, None], (BLOCK_M, KP)))), -8.0), 7.0)
-    if OUT_FP8:
-        tl.store(
-            out_ptr + row_off * stride_om + cols[None, :],
-            q.to(out_ptr.dtype.element_ty),
-            mask=rmask & (cols < K)[None, :],
-        )
+    kmask = rmask & (cols < K)[None, :]
+    if OUT == "fp8":
+        tl.store(out_ptr + row_off * stride_om + cols[None, :], q.to(out_ptr.dtype.element_ty), mask=kmask)
     else:
         lo, hi = tl.split(tl.reshape(q.to(tl.int32), (BLOCK_M, KP // 2, 2)))
-        byte = ((lo & 15) | ((hi & 15) << 4)).to(tl.uint8)
         ch = tl.arange(0, KP // 2)
-        tl.store(out_ptr + row_off * stride_om + ch[None, :], byte, mask=rmask & (ch < K // 2)[None, :])
+        hmask = rmask & (ch < K // 2)[None, :]
+        if OUT == "packed":
+            byte = ((lo & 15) | ((hi & 15) << 4)).to(tl.uint8)
+            tl.store(out_ptr + row_off * stride_om + ch[None, :], byte, mask=hmask)
+        else:  # "planes"
+            tl.store(out_ptr + row_off * stride_om + ch[None, :], lo.to(tl.int8), mask=hmask)
+            tl.store(out_ptr + row_off * stride_om + K // 2 + ch[None, :], hi.to(tl.int8), mask=hmask)
 
 
 @dataclass(frozen=True)
@@ -211,23 +228,33 @@ def _check_kron(K: int, hm: torch.Tensor, h1: torch.Tensor, h2: torch.Tensor) ->
             )
 
 
+def plan_dims(K: int) -> tuple[int, int, int, int] | None:
+    """``(m, mp, n1, n2)`` of the fused kernel's ``H_K = H_m ⊗ H_{n1} ⊗ H_{n2}`` (``mp``: m padded to a power of
+    two), or None if it cannot do this K (2^k < 16)."""
+    from lsr.hadamard import decompose
+
+    m, k = decompose(K)
+    n = 2**k
+    if n < 16:
+        return None
+    if n <= 128:
+        n1, n2 = 1, n
+    else:
+        n2 = 2 ** ((k + 1) // 2)
+        n1 = n // n2
+    mp = 1 if m == 1 else triton.next_power_of_2(max(m, 16))
+    return m, mp, n1, n2
+
+
 def hadamard_plan(K: int, device: torch.device | str) -> HadamardPlan | None:
     """The fused kernel's factorisation of ``H_K`` on ``device``; None if it cannot do this K (2^k < 16)."""
     key = (K, str(torch.device(device)))
     if key in _PLANS:
         return _PLANS[key]
-    from lsr.hadamard import decompose
-
-    m, k = decompose(K)
-    n = 2**k
+    dims = plan_dims(K)
     plan = None
-    if n >= 16:
-        if n <= 128:
-            n1, n2 = 1, n
-        else:
-            n2 = 2 ** ((k + 1) // 2)
-            n1 = n // n2
-        mp = 1 if m == 1 else triton.next_power_of_2(max(m, 16))
+    if dims is not None:
+        m, mp, n1, n2 = dims
         hm = _pm1(m) if m > 1 else torch.ones(1, 1, dtype=torch.float64)
         h1 = _pm1(n1) if n1 > 1 else torch.ones(1, 1, dtype=torch.float64)
         h2 = _pm1(n2)
@@ -241,6 +268,45 @@ def hadamard_plan(K: int, device: torch.device | str) -> HadamardPlan | None:
         plan = HadamardPlan(K, m, mp, n1, n2, 1.0 / math.sqrt(K), dev(hm_pad), dev(h1), dev(h2))
     _PLANS[key] = plan
     return plan
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Constexprs and ``num_warps`` of one launch of the fused kernel."""
+
+    constexprs: dict
+    num_warps: int
+
+
+def hadamard_launch(K: int, M: int, block_m: int | None = None, num_warps: int | None = None) -> Launch:
+    """The fused Hadamard+quant kernel's tile for ``M`` tokens of width ``K`` (shape constexprs, warps)."""
+    dims = plan_dims(K)
+    if dims is None:
+        raise ValueError(f"the fused kernel cannot do K={K}")
+    m, mp, n1, n2 = dims
+    elems = mp * n1 * n2
+    need = max(1, 16 // (mp * n1))  # tl.dot needs >= 16 rows in the first stage
+    bm = max(need, block_m or min(triton.next_power_of_2(M), max(1, 8192 // elems)))
+    total = bm * elems
+    warps = num_warps or _hq_warps(total)
+    return Launch(dict(BLOCK_M=bm, MM=m, MP=mp, N1=n1, N2=n2), warps)
+
+
+def _hq_warps(total: int) -> int:
+    """Warps for a program holding ``total`` float32 values: <= 32 values per thread keeps it spill-free."""
+    return max(4, min(32, total // (32 * 32)))
+
+
+def quant_launch(K: int, M: int, block_m: int | None = None, num_warps: int | None = None) -> tuple[int, int, int]:
+    """``(block_m, padded K, warps)`` of the plain (no Hadamard) quantization kernel."""
+    kp = triton.next_power_of_2(K)
+    bm = block_m or max(1, min(triton.next_power_of_2(M), 64, 8192 // kp))
+    warps = num_warps or (4 if bm * kp <= 4096 else 8)
+    return bm, kp, warps
+
+
+OUT_KINDS = ("packed", "planes", "fp8")
+OUT_PTR_TYPE = {"packed": "*u8", "planes": "*i8", "fp8": "*fp8e4nv"}
 
 
 _NSPLIT = {"exact": 3, "fast": 2}
@@ -290,16 +356,18 @@ def quantize_int4(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token int4 quantization of ``x [M, K]`` (bf16/fp16/fp32), optionally after ``x @ H_K``.
 
-    ``out="packed"`` returns the uint8 ``[M, K/2]`` container, ``out="fp8"`` the same integers as float8_e4m3fn
-    ``[M, K]`` (for the ``torch._scaled_mm`` path); plus float32 scales ``[M]``. ``hadamard_impl``: ``"fused"``
+    ``out="packed"`` returns the uint8 ``[M, K/2]`` container, ``out="planes"`` int8 ``[M, K]`` with the even K
+    indices in the first half of each row and the odd ones in the second (the tensor-core GEMM's activation
+    operand), ``out="fp8"`` the integers in K order as float8_e4m3fn ``[M, K]`` (the ``torch._scaled_mm`` path);
+    plus float32 scales ``[M]``. ``hadamard_impl``: ``"fused"``
     (this kernel; falls back to ``"torch"`` for K whose 2^k part is < 16), ``"torch"`` (``lsr.hadamard`` in
     float32, then the plain kernel), ``"fht"`` (``fast_hadamard_transform`` in float32, then the plain kernel).
     ``block_m`` (tokens per program, a power of two) and ``num_warps`` override the heuristics (benchmark sweeps).
     """
     if x.dim() != 2:
         raise ValueError(f"quantize_int4 expects [M, K], got {tuple(x.shape)}")
-    if out not in ("packed", "fp8"):
-        raise ValueError(f"out must be 'packed' or 'fp8', got {out!r}")
+    if out not in OUT_KINDS:
+        raise ValueError(f"out must be one of {OUT_KINDS}, got {out!r}")
     if precision not in _NSPLIT:
         raise ValueError(f"precision must be one of {tuple(_NSPLIT)}, got {precision!r}")
     M, K = x.shape
@@ -310,7 +378,7 @@ def quantize_int4(
     if out == "packed":
         q = torch.empty(M, K // 2, dtype=torch.uint8, device=x.device)
     else:
-        q = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=x.device)
+        q = torch.empty(M, K, dtype=torch.int8 if out == "planes" else torch.float8_e4m3fn, device=x.device)
     scale = torch.empty(M, dtype=torch.float32, device=x.device)
     if M == 0:
         return q, scale
@@ -325,33 +393,18 @@ def quantize_int4(
         else:
             raise ValueError(f"hadamard_impl must be 'fused', 'torch' or 'fht', got {hadamard_impl!r}")
     if plan is None:
-        kp = triton.next_power_of_2(K)
-        bm = block_m or max(1, min(triton.next_power_of_2(M), 64, 8192 // kp))
-        warps = num_warps or (4 if bm * kp <= 4096 else 8)
+        bm, kp, warps = quant_launch(K, M, block_m, num_warps)
         _quant_kernel[(triton.cdiv(M, bm),)](
-            x,
-            q,
-            scale,
-            M,
-            K,
-            x.stride(0),
-            q.stride(0),
-            BLOCK_M=bm,
-            KP=kp,
-            OUT_FP8=out == "fp8",
-            num_warps=warps,
-        )
+            x, q, scale, M, K, x.stride(0), q.stride(0), BLOCK_M=bm, KP=kp, OUT=out, num_warps=warps
+        )  # fmt: skip
         return q, scale
     ns = _NSPLIT[precision]
     ns_in = {torch.bfloat16: 1, torch.float16: 2}.get(x.dtype, ns)
-    elems = plan.mp * plan.n1 * plan.n2
-    need = max(1, 16 // (plan.mp * plan.n1))  # tl.dot needs >= 16 rows in the first stage
-    bm = max(need, block_m or min(triton.next_power_of_2(M), max(1, 8192 // elems)))
-    total = bm * elems
-    warps = num_warps or (4 if total <= 4096 else (8 if total <= 8192 else 16))
+    launch = hadamard_launch(K, M, block_m, num_warps)
+    bm = launch.constexprs["BLOCK_M"]
     _hadamard_quant_kernel[(triton.cdiv(M, bm),)](
         x, q, scale, plan.hm, plan.h1, plan.h2, M, x.stride(0), q.stride(0), plan.norm,
-        BLOCK_M=bm, MM=plan.m, MP=plan.mp, N1=plan.n1, N2=plan.n2, NSPLIT_IN=min(ns_in, ns), NSPLIT=ns,
-        OUT_FP8=out == "fp8", F32DOT=interpreting(), num_warps=warps,
+        NSPLIT_IN=min(ns_in, ns), NSPLIT=ns, OUT=out, F32DOT=interpreting(), num_warps=launch.num_warps,
+        **launch.constexprs,
     )  # fmt: skip
     return q, scale

@@ -24,16 +24,27 @@ variant without a GPU.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from lsr.kernels.backend import DECODE_MAX_M
+from lsr.kernels.config import DECODE_MAX_M
 from lsr.kernels.hadamard_quant import interpreting
 from lsr.kernels.reference import unpack_int4
 
-__all__ = ["w4a4_gemm", "w4a4_decode", "widen_int4_to_fp8", "w4a4_fp8_matmul", "DECODE_MAX_M"]
+__all__ = [
+    "DECODE_MAX_M",
+    "DecodeTile",
+    "decode_tile",
+    "gemm_configs",
+    "to_planes",
+    "w4a4_decode",
+    "w4a4_fp8_matmul",
+    "w4a4_gemm",
+    "widen_int4_to_fp8",
+]
 
 
 @triton.jit
@@ -50,15 +61,17 @@ def _w4a4_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, RAW: tl.constexpr,
 ):  # fmt: skip
-    """Tiles of ``out[M, N]``; K is walked BLOCK_KH bytes (2·BLOCK_KH values) at a time.
+    """Tiles of ``out[M, N]`` computed transposed, ``out^T = W · A^T``, walking K 2·BLOCK_KH values per step.
 
-    Each byte column holds an even and an odd K index, on both operands alike, so instead of interleaving the
-    nibbles back into K order the tile is two int8 dots: low nibbles × low nibbles + high × high.
+    Mixed-input layout: the packed int4 weight tile is widened in registers and is the dot's first operand (on
+    Hopper the register operand of ``wgmma``), the activations are int8 planes (``[M, K]``, even K indices in the
+    first K/2 bytes of a row, odd ones in the second) whose tiles go from global to shared memory and straight
+    into the dot. A byte holds an even and an odd K index, so a K-step is two int8 dots: W_lo·A_even + W_hi·A_odd.
     """
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_n  # grouped launch: GROUP_M row tiles share each weight tile while it is in L2
+    group = GROUP_M * num_n  # grouped launch: GROUP_M token tiles share each weight tile while it is in L2
     first_m = (pid // group) * GROUP_M
     size_m = min(num_m - first_m, GROUP_M)
     pid_m = first_m + (pid % group) % size_m
@@ -67,34 +80,35 @@ def _w4a4_gemm_kernel(
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M  # wrapped rows/cols: loads stay in bounds, stores masked
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
     rk = tl.arange(0, BLOCK_KH)
-    a_ptrs = a_ptr + rm.to(tl.int64)[:, None] * stride_am + rk[None, :]
-    w_ptrs = w_ptr + rn.to(tl.int64)[None, :] * stride_wn + rk[:, None]  # [BLOCK_KH, BLOCK_N]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]  # [BLOCK_N, BLOCK_KH] packed bytes
+    a_ptrs = a_ptr + rm.to(tl.int64)[None, :] * stride_am + rk[:, None]  # [BLOCK_KH, BLOCK_M], even-K plane
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
     for k in range(0, tl.cdiv(KH, BLOCK_KH)):
         if EVEN_K:
-            a = tl.load(a_ptrs)
             w = tl.load(w_ptrs)
+            a_lo = tl.load(a_ptrs)
+            a_hi = tl.load(a_ptrs + KH)
         else:
             kmask = rk < KH - k * BLOCK_KH
-            a = tl.load(a_ptrs, mask=kmask[None, :], other=0)
-            w = tl.load(w_ptrs, mask=kmask[:, None], other=0)
-        a_lo, a_hi = _widen(a)
+            w = tl.load(w_ptrs, mask=kmask[None, :], other=0)
+            a_lo = tl.load(a_ptrs, mask=kmask[:, None], other=0)
+            a_hi = tl.load(a_ptrs + KH, mask=kmask[:, None], other=0)
         w_lo, w_hi = _widen(w)
-        acc = tl.dot(a_lo, w_lo, acc)
-        acc = tl.dot(a_hi, w_hi, acc)
-        a_ptrs += BLOCK_KH
+        acc = tl.dot(w_lo, a_lo, acc, out_dtype=tl.int32)
+        acc = tl.dot(w_hi, a_hi, acc, out_dtype=tl.int32)
         w_ptrs += BLOCK_KH
+        a_ptrs += BLOCK_KH
 
     om = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     on = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    omask = (om < M)[:, None] & (on < N)[None, :]
-    o_ptrs = out_ptr + om.to(tl.int64)[:, None] * stride_om + on[None, :]
+    omask = (on < N)[:, None] & (om < M)[None, :]
+    o_ptrs = out_ptr + om.to(tl.int64)[None, :] * stride_om + on[:, None]
     if RAW:
         tl.store(o_ptrs, acc, mask=omask)
     else:
         sa = tl.load(sa_ptr + om, mask=om < M, other=0.0)
         sw = tl.load(sw_ptr + on, mask=on < N, other=0.0)
-        y = acc.to(tl.float32) * sa[:, None] * sw[None, :]
+        y = acc.to(tl.float32) * sa[None, :] * sw[:, None]  # (acc·s_a)·s_w, the reference's order
         tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=omask)
 
 
@@ -104,36 +118,39 @@ def _even_k(args: dict) -> bool:
 
 _gemm = triton.heuristics({"EVEN_K": _even_k})(_w4a4_gemm_kernel)
 
+# (BLOCK_N weight rows, BLOCK_M tokens, BLOCK_KH bytes = 2·BLOCK_KH K values, warps, stages). BLOCK_N is the
+# wgmma M side (64 rows per warpgroup), BLOCK_M its N side (8..256), so small-M prefill keeps a full 64-row MMA.
+GEMM_TILES = (
+    (128, 256, 64, 8, 3),
+    (256, 128, 64, 8, 3),
+    (128, 128, 64, 8, 4),
+    (128, 128, 128, 8, 3),
+    (128, 64, 128, 4, 4),
+    (64, 128, 128, 4, 4),
+    (128, 32, 128, 4, 5),  # small-M prefill chunks (17..128 tokens)
+    (64, 32, 128, 4, 5),
+    (128, 16, 128, 4, 5),
+)
 
-def _hopper_configs() -> list[triton.Config]:
-    """Candidates for H100 (BLOCK_KH is bytes: BLOCK_K = 2·BLOCK_KH values)."""
-    cfgs = []
-    for bm, bn, bkh, warps, stages in [
-        (128, 256, 64, 8, 3),  # the 128×256×128 shape of the plain int8 GEMM in gpu.md
-        (128, 128, 64, 8, 4),
-        (128, 128, 128, 8, 3),
-        (256, 128, 64, 8, 3),
-        (64, 256, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (64, 128, 128, 4, 3),
-        (32, 128, 128, 4, 4),  # small-M prefill chunks (17..128 tokens)
-        (16, 128, 128, 4, 4),
-        (32, 64, 128, 4, 5),
-    ]:
-        cfgs.append(
-            triton.Config(
-                {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_KH": bkh, "GROUP_M": 8},
-                num_warps=warps,
-                num_stages=stages,
-            )
-        )
-    return cfgs
+
+def gemm_configs() -> list[triton.Config]:
+    """The autotune candidates (every one is compiled for sm_90 by ``tests/test_kernel_compile.py``)."""
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_KH": bkh, "GROUP_M": 8}, num_warps=w, num_stages=st)
+        for bn, bm, bkh, w, st in GEMM_TILES
+    ]
 
 
 @functools.lru_cache(maxsize=1)
 def _gemm_tuned():
     # keyed on a power-of-two bucket of M so that varying prompt lengths do not each re-tune
-    return triton.autotune(configs=_hopper_configs(), key=["M_BUCKET", "N", "KH"])(_gemm)
+    return triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "N", "KH"])(_gemm)
+
+
+def to_planes(p: torch.Tensor) -> torch.Tensor:
+    """Packed uint8 ``[R, K/2]`` -> the GEMM's int8 planes ``[R, K]`` (even K indices first, then odd ones)."""
+    s = p.view(torch.int8)
+    return torch.cat([(s << 4) >> 4, s >> 4], dim=1)
 
 
 def _check_operands(a: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.Tensor) -> tuple[int, int, int]:
@@ -162,13 +179,21 @@ def w4a4_gemm(
     raw: bool = False,
     config: dict | None = None,
 ) -> torch.Tensor:
-    """Tensor-core W4A4 GEMM: packed ``a [M, K/2]``, packed ``w [N, K/2]`` -> ``out [M, N]`` in ``out_dtype``.
+    """Tensor-core W4A4 GEMM: activations ``a``, packed ``w [N, K/2]`` -> ``out [M, N]`` in ``out_dtype``.
 
-    ``raw=True`` returns the int32 accumulators instead (test hook). ``config`` fixes
-    ``BLOCK_M/BLOCK_N/BLOCK_KH/GROUP_M`` (and optionally ``num_warps``, ``num_stages``) instead of autotuning; the
-    interpreter always uses a small fixed config.
+    ``a`` is int8 planes ``[M, K]`` (``quantize_int4(..., out="planes")``, what the kernel reads) or packed uint8
+    ``[M, K/2]`` (converted with :func:`to_planes` first, one extra pass). ``raw=True`` returns the int32
+    accumulators instead (test hook). ``config`` fixes ``BLOCK_M/BLOCK_N/BLOCK_KH/GROUP_M`` (and optionally
+    ``num_warps``, ``num_stages``) instead of autotuning; the interpreter always uses a small fixed config.
     """
-    M, N, KH = _check_operands(a, scale_a, w, scale_w)
+    if a.dtype == torch.uint8:
+        M, N, KH = _check_operands(a, scale_a, w, scale_w)
+        a = to_planes(a)
+    else:
+        if a.dtype != torch.int8 or a.dim() != 2 or a.shape[1] != 2 * w.shape[1]:
+            raise ValueError(f"activations must be int8 planes [M, K] or packed uint8 [M, K/2], got {a.dtype} "
+                             f"{tuple(a.shape)} for packed weights {tuple(w.shape)}")  # fmt: skip
+        M, N, KH = _check_operands(a[:, : w.shape[1]].view(torch.uint8), scale_a, w, scale_w)
     out = torch.empty(M, N, dtype=torch.int32 if raw else out_dtype, device=a.device)
     if M == 0 or N == 0:
         return out
@@ -197,7 +222,7 @@ def _w4a4_decode_kernel(
     a_ptr, w_ptr, sa_ptr, sw_ptr, out_ptr, ws_ptr,
     M, N, KH, stride_am, stride_wn, stride_om, CHUNKS,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr, SPLIT_K: tl.constexpr,
-    RAW: tl.constexpr,
+    RAW: tl.constexpr, NUM_STAGES: tl.constexpr = 1,
 ):  # fmt: skip
     """GEMV-style: program (n-block, k-split) reads its weight slab once, all M <= 16 tokens at a time.
 
@@ -213,7 +238,7 @@ def _w4a4_decode_kernel(
     mmask = rm < M
     acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_KH), dtype=tl.float32)  # reduced over k once, after the loop
     k0 = pid_k * CHUNKS * BLOCK_KH
-    for c in range(0, CHUNKS):
+    for c in tl.range(0, CHUNKS, num_stages=NUM_STAGES):  # loads of later chunks in flight (cp.async)
         kk = k0 + c * BLOCK_KH + rk
         kmask = kk < KH
         w = tl.load(
@@ -271,7 +296,7 @@ def _w4a4_decode_dp4a_kernel(
     a_ptr, w_ptr, sa_ptr, sw_ptr, out_ptr, ws_ptr,
     M, N, KW, stride_am, stride_wn, stride_om, CHUNKS,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, SPLIT_K: tl.constexpr,
-    RAW: tl.constexpr, EMULATE: tl.constexpr,
+    RAW: tl.constexpr, EMULATE: tl.constexpr, NUM_STAGES: tl.constexpr = 1,
 ):  # fmt: skip
     """Decode product on int32 words (8 int4 values each) with 4-way integer dot products (``dp4a``).
 
@@ -290,7 +315,7 @@ def _w4a4_decode_dp4a_kernel(
     asum = tl.zeros((BLOCK_M, BLOCK_KW), dtype=tl.int32)
     ones = tl.full((BLOCK_M, BLOCK_KW), 0x01010101, tl.int32)
     k0 = pid_k * CHUNKS * BLOCK_KW
-    for c in range(0, CHUNKS):
+    for c in tl.range(0, CHUNKS, num_stages=NUM_STAGES):  # loads of later chunks in flight (cp.async)
         kk = k0 + c * BLOCK_KW + rk
         kmask = kk < KW
         w = tl.load(
@@ -321,10 +346,27 @@ def _w4a4_decode_dp4a_kernel(
         tl.store(ws_ptr + (pid_k * BLOCK_M + rm[:, None]) * N + rn[None, :], tot.to(tl.float32), mask=omask)
 
 
-# (BLOCK_N, BLOCK_KH) per padded M for the FMA kernel, (BLOCK_N, BLOCK_KW) for the dp4a kernel.
-# Each holds BLOCK_M·BLOCK_N·BLOCK_K accumulators (<= 32 per thread at 4 warps, no spills per --compile-report).
-_DECODE_TILES = {1: (32, 128), 2: (32, 64), 4: (16, 64), 8: (16, 32), 16: (16, 16)}
-_DP4A_TILES = {1: (64, 32), 2: (64, 32), 4: (32, 32), 8: (16, 32), 16: (16, 16)}
+@dataclass(frozen=True)
+class DecodeTile:
+    """Decode launch per padded M: ``block_k`` is bytes (fma kernel) or int32 words (dp4a kernel)."""
+
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+# Each tile holds BLOCK_M·BLOCK_N·BLOCK_K accumulators (<= 32 per thread at 4 warps): no spills for sm_90
+# (tests/test_kernel_compile.py checks every entry).
+FMA_TILES = {1: DecodeTile(32, 128), 2: DecodeTile(32, 64), 4: DecodeTile(16, 64), 8: DecodeTile(16, 32),
+             16: DecodeTile(16, 16)}  # fmt: skip
+DP4A_TILES = {1: DecodeTile(64, 32), 2: DecodeTile(64, 16), 4: DecodeTile(32, 32), 8: DecodeTile(16, 32),
+              16: DecodeTile(16, 16)}  # fmt: skip
+
+
+def decode_tile(bm: int, dp4a: bool) -> DecodeTile:
+    """The decode tile for ``bm`` (M padded to a power of two, <= DECODE_MAX_M) tokens."""
+    return (DP4A_TILES if dp4a else FMA_TILES)[bm]
 
 
 @triton.jit
@@ -393,8 +435,8 @@ def w4a4_decode(
     if impl == "dp4a" and not use_dp4a:
         raise ValueError("impl='dp4a' needs K % 8 == 0 and 4-byte aligned rows")
     bm = triton.next_power_of_2(M)
-    bn, bk = (_DP4A_TILES if use_dp4a else _DECODE_TILES)[bm]
-    bn, bk = block_n or bn, block_k or bk
+    tile = decode_tile(bm, use_dp4a)
+    bn, bk = block_n or tile.block_n, block_k or tile.block_k
     ka = KH // 4 if use_dp4a else KH
     n_blocks = triton.cdiv(N, bn)
     chunks = triton.cdiv(ka, bk)
@@ -410,12 +452,14 @@ def w4a4_decode(
     if use_dp4a:
         _w4a4_decode_dp4a_kernel[grid](
             aw, ww, scale_a, scale_w, out, ws, M, N, ka, aw.stride(0), ww.stride(0), out.stride(0), per,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_KW=bk, SPLIT_K=split_k, RAW=raw, EMULATE=interpreting(), num_warps=4,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_KW=bk, SPLIT_K=split_k, RAW=raw, EMULATE=interpreting(),
+            NUM_STAGES=tile.num_stages, num_warps=tile.num_warps,
         )  # fmt: skip
     else:
         _w4a4_decode_kernel[grid](
             a, w, scale_a, scale_w, out, ws, M, N, KH, a.stride(0), w.stride(0), out.stride(0), per,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_KH=bk, SPLIT_K=split_k, RAW=raw, num_warps=4,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_KH=bk, SPLIT_K=split_k, RAW=raw, NUM_STAGES=tile.num_stages,
+            num_warps=tile.num_warps,
         )  # fmt: skip
     if split_k > 1:
         bmo, bno = min(bm, 16), 128
