@@ -37,17 +37,20 @@ def _random_scales(layer, heads, seed: int) -> dict[str, torch.Tensor]:
     return {p: torch.exp(torch.randn(n, generator=gen)) for p, n in sizes.items()}
 
 
-def _block(recipe: Recipe, index: int = 0, windows: torch.Tensor | None = None) -> Block:
-    """Block `index` of a prepared tiny llama, its predecessors run through the recipe's hooks (no learning)."""
+def _block(recipe: Recipe, index: int = 0, windows: torch.Tensor | None = None,
+           init: SmoothInit | None = None) -> Block:
+    """Block `index` of a prepared tiny llama, its predecessors run through the recipe's hooks (no learning);
+    `init` watches the block's targets pass (for its statistics)."""
     model = prepare_model(tiny_model("llama"), recipe)
     pipeline = BlockPipeline(model, _windows() if windows is None else windows, act=recipe.activations,
                              weight=recipe.weights.spec, batch_size=4, log=None)
     for i in range(index):
-        block = Block(pipeline, i)
-        for hook in recipe_hooks(replace(recipe, learn=None)):
+        hooks = recipe_hooks(replace(recipe, learn=None))
+        block = pipeline.open_block(i, hooks)
+        for hook in hooks:
             hook.on_block(block)
-        pipeline._advance(block)
-    return Block(pipeline, index)
+        pipeline.advance(block)
+    return pipeline.open_block(index, [init] if init is not None else [])
 
 
 def _flat(scales: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -101,8 +104,9 @@ def test_each_smoothing_point_changes_the_quantized_model(point, tiny_ids):
 # ----------------------------------------------------------------------------------------------- gradients
 def test_log_scale_gradients_flow_through_fake_quant():
     recipe = PRESETS["lsr"]
-    block = _block(recipe)
-    SmoothInit(recipe.smooth, seed=recipe.seed).on_block(block)
+    init = SmoothInit(recipe.smooth, seed=recipe.seed)
+    block = _block(recipe, init=init)
+    init.on_block(block)
     assert set(block.log_scales) == set(ALL_POINTS)
     thetas = {p: t.clone().requires_grad_(True) for p, t in block.log_scales.items()}
     idx = torch.arange(4)
@@ -133,8 +137,9 @@ def test_learning_lowers_the_block_error():
 def test_band_keeps_scales_near_their_init():
     band = 0.05
     recipe = Recipe.from_name("lsr", learn={"band": band, "lr": 1.0, "epochs": 3})
-    block = _block(recipe)
-    SmoothInit(recipe.smooth, seed=recipe.seed).on_block(block)
+    init = SmoothInit(recipe.smooth, seed=recipe.seed)
+    block = _block(recipe, init=init)
+    init.on_block(block)
     theta0 = _flat(block.log_scales)
     seen: list[torch.Tensor] = []
 

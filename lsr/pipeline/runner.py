@@ -42,7 +42,11 @@ class BlockRecord:
 
 
 class BlockHook(Protocol):
-    """One step of a recipe, applied to each block in turn."""
+    """One step of a recipe, applied to each block in turn.
+
+    A hook may also define ``observe(block) -> [(module path, forward pre-hook)]``: those hooks watch the pass that
+    computes the block's FP targets (statistics at no extra forward pass).
+    """
 
     def on_block(self, block: Block) -> None: ...
 
@@ -63,7 +67,13 @@ class Block:
         self.float_params: dict[str, torch.Tensor] | None = None  # the float parameters the weight step quantized
         self._geometry: BlockGeometry | None = None
         self._base: dict[str, torch.Tensor] | None = None
-        with torch.no_grad():
+        self.targets = torch.empty(0)
+        self.target_power = math.nan
+
+    @torch.no_grad()
+    def compute_targets(self, observers: Sequence[tuple[str, Callable]] = ()) -> None:
+        """``Y = Block(X^FP)`` over all samples, with `observers` (forward pre-hooks) watching."""
+        with self.hooked(observers):
             self.targets = self.run_all(self.x_fp, quantized=False)
         self.target_power = float(self.targets.double().pow(2).mean())
 
@@ -161,17 +171,17 @@ class Block:
         """``‖Yq − Y‖² / ‖Y‖²`` from a mean squared error against the targets."""
         return mse / max(self.target_power, 1e-30)
 
-    def hooked(self, hooks: dict[str, Callable]) -> _Hooks:
-        """Context manager registering forward pre-hooks ``{module path in the block: fn(module, args)}``."""
-        return _Hooks(self.layer, hooks)
+    def hooked(self, hooks: dict[str, Callable] | Sequence[tuple[str, Callable]]) -> _Hooks:
+        """Context manager registering forward pre-hooks ``(module path in the block, fn(module, args))``."""
+        return _Hooks(self.layer, list(hooks.items()) if isinstance(hooks, dict) else list(hooks))
 
 
 class _Hooks:
-    def __init__(self, layer: nn.Module, hooks: dict[str, Callable]) -> None:
+    def __init__(self, layer: nn.Module, hooks: list[tuple[str, Callable]]) -> None:
         self.layer, self.hooks, self.handles = layer, hooks, []
 
     def __enter__(self) -> _Hooks:
-        for name, fn in self.hooks.items():
+        for name, fn in self.hooks:
             self.handles.append(self.layer.get_submodule(name).register_forward_pre_hook(fn))
         return self
 
@@ -219,8 +229,15 @@ class BlockPipeline:
     def num_blocks(self) -> int:
         return len(self.layers)
 
+    def open_block(self, index: int, hooks: Sequence[BlockHook] = ()) -> Block:
+        """Block `index` on the device with its FP targets computed, the hooks' observers watching."""
+        block = Block(self, index)
+        block.compute_targets([o for hook in hooks if hasattr(hook, "observe") for o in hook.observe(block)])
+        return block
+
     @torch.no_grad()
-    def _advance(self, block: Block) -> None:
+    def advance(self, block: Block) -> None:
+        """Next block's inputs from this one's outputs; the block goes back to CPU."""
         if self.x_q is not None:
             x_q = block.run_all(self.x_q, quantized=True)
             err = (x_q - block.targets).double().pow(2).mean().item()
@@ -234,10 +251,11 @@ class BlockPipeline:
         """Apply `hooks` to every block in order; the first `replay_blocks` get the `replay` hooks instead (resume)."""
         for index in range(self.num_blocks):
             start = time.perf_counter()
-            block = Block(self, index)
-            for hook in replay if index < replay_blocks else hooks:
+            steps = replay if index < replay_blocks else hooks
+            block = self.open_block(index, steps)
+            for hook in steps:
                 hook.on_block(block)
-            self._advance(block)
+            self.advance(block)
             block.record.seconds = time.perf_counter() - start
             self.records.append(block.record)
             if self.log is not None:

@@ -13,32 +13,37 @@ from lsr.transforms.smooth import activation_basis, fold_scales, point_channels,
 MAX_STAT_TOKENS = 1 << 16
 
 
-@torch.no_grad()
-def activation_statistics(block: Block, points: tuple[str, ...], quantile: float, seed: int
-                          ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Per-channel max and quantile of |x| at each smoothing point, on the block's FP inputs."""
-    rows: dict[str, list[torch.Tensor]] = {p: [] for p in points}
-    geometry = block.geometry
+class ActivationStatistics:
+    """Per-channel max and quantile of |x| at smoothing points, gathered while the block computes its FP targets."""
 
-    def observer(point: str):
-        def hook(_module, args):
-            x = args[0].detach().float()
-            rows[point].append(activation_basis(point, x.reshape(-1, x.shape[-1]), geometry).abs().cpu())
-        return hook
+    def __init__(self, points: tuple[str, ...], quantile: float, seed: int) -> None:
+        self.points, self.quantile, self.seed = points, quantile, seed
+        self.rows: dict[str, list[torch.Tensor]] = {}
 
-    with block.hooked({geometry.points[p].observed: observer(p) for p in points}):
-        for b in block.batches():
-            block.forward(block.x_fp[b].to(block.device), quantized=False)
-    act_max, act_quantile = {}, {}
-    for point, chunks in rows.items():
-        a = torch.cat(chunks)
-        act_max[point] = a.amax(dim=0)
-        if a.shape[0] > MAX_STAT_TOKENS:
-            keep = torch.randperm(a.shape[0], generator=torch.Generator().manual_seed(seed))
-            a = a[keep[:MAX_STAT_TOKENS]]
-        k = max(1, min(a.shape[0], math.ceil(quantile * a.shape[0])))
-        act_quantile[point] = a.kthvalue(k, dim=0).values
-    return act_max, act_quantile
+    def observe(self, block: Block) -> list[tuple[str, object]]:
+        self.rows = {p: [] for p in self.points}
+        geometry = block.geometry
+
+        def observer(point: str):
+            def hook(_module, args):
+                x = args[0].detach().float()
+                self.rows[point].append(activation_basis(point, x.reshape(-1, x.shape[-1]), geometry).abs().cpu())
+            return hook
+
+        return [(geometry.points[p].observed, observer(p)) for p in self.points]
+
+    def compute(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        act_max, act_quantile = {}, {}
+        for point, chunks in self.rows.items():
+            a = torch.cat(chunks)
+            act_max[point] = a.amax(dim=0)
+            if a.shape[0] > MAX_STAT_TOKENS:
+                keep = torch.randperm(a.shape[0], generator=torch.Generator().manual_seed(self.seed))
+                a = a[keep[:MAX_STAT_TOKENS]]
+            k = max(1, min(a.shape[0], math.ceil(self.quantile * a.shape[0])))
+            act_quantile[point] = a.kthvalue(k, dim=0).values
+        self.rows = {}
+        return act_max, act_quantile
 
 
 class SmoothInit:
@@ -46,6 +51,10 @@ class SmoothInit:
 
     def __init__(self, step: SmoothStep, seed: int = 0) -> None:
         self.step, self.seed = step, seed
+        self.statistics = ActivationStatistics(step.points, step.quantile, seed)
+
+    def observe(self, block: Block) -> list[tuple[str, object]]:
+        return self.statistics.observe(block) if self.step.points else []
 
     def log_scales(self, block: Block, act_stat: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         """Log-scales from statistics, or all zero (s = 1) for None."""
@@ -64,7 +73,7 @@ class SmoothInit:
     def on_block(self, block: Block) -> None:
         if not self.step.points:
             return
-        act_max, act_quantile = activation_statistics(block, self.step.points, self.step.quantile, self.seed)
+        act_max, act_quantile = self.statistics.compute()
         candidates = {"max": act_max}
         if self.step.statistic == "quantile":
             candidates = {"quantile": act_quantile, **(candidates if self.step.guard else {})}
