@@ -399,7 +399,8 @@ def hadamard_launch(K: int, M: int, block_m: int | None = None, num_warps: int |
     if n0 > 1:
         warps = num_warps or max(4, min(32, elems // (32 * ACC_PER_THREAD)))
         const = dict(MM=m, MP=mp, N0=n0, N1=n1, N2=n2, NUM_STAGES=2)
-        return Launch("_hadamard_quant_chunked_kernel", const, warps, 2, min(CHUNKED_MAXNREG, 65536 // (32 * warps)))
+        cap = min(CHUNKED_MAXNREG, 65536 // (32 * warps)) if elems // (32 * warps) <= ACC_PER_THREAD else None
+        return Launch("_hadamard_quant_chunked_kernel", const, warps, 2, cap)
     need = max(1, 16 // (mp * n1))  # tl.dot needs >= 16 rows in the first stage
     bm = max(need, block_m or min(triton.next_power_of_2(M), max(1, TILE_MAX // elems)))
     total = bm * elems
