@@ -7,6 +7,9 @@ Sylvester ``H_n = H_{n1} ⊗ H_{n2}``. The factors are the unnormalised ±1 matr
 in bf16), the products run on the tensor cores in bf16 with float32 accumulation, and the float32 operand of each
 stage is split into 3 (``precision="exact"``) or 2 (``"fast"``) bf16 terms, which keeps 24 (16) mantissa bits: the
 result equals a float32 Hadamard up to float32 rounding. The normalisation ``1/sqrt(K)`` only enters the scale.
+Rows wider than one tile (padded width > ``TILE_MAX``: K = 14336, 28672) go to a chunked kernel, one row per
+program, still read once: ``H_n = H_{n0} ⊗ H_{n1} ⊗ H_{n2}``, each of the n0 chunks is transformed on the tensor
+cores and added with ±1 signs into a row-wide float32 accumulator, so only one chunk's dot operands are live.
 
 Quantization then matches :func:`lsr.kernels.reference.quantize_per_token_int4`: ``scale = max|y|/7`` (1 for a
 zero token), ``q = clamp(rint(y / scale), -8, 7)`` with IEEE division and round-half-to-even done by hand (exact
