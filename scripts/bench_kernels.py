@@ -17,18 +17,16 @@ Default run (LLaMA-3-8B linear shapes N×K ∈ {4096×4096, 14336×4096, 4096×1
 * ``lsr_H_fp8``      ``w4a4_linear(hadamard=True, backend="fp8")`` (M > 16)
 * ``lsr_H_auto``     ``w4a4_linear(hadamard=True, backend="auto")``
 
-then the Hadamard+quant kernel alone at M = 8192, K ∈ {4096, 14336}, against the copy bound (activation read once,
-int4 + scales written once, at the device-to-device copy bandwidth measured here), with a small (block_m,
-num_warps) sweep. Times are medians of ``triton.testing.do_bench`` over CUDA-graph replays of one call per input
-set, rotating enough sets to spill the 50 MB L2. Results print as markdown and go to ``--out`` as JSON.
-
-``--e2e``: a LLaMA-3-8B-shaped model (random weights, no hub; ``--layers`` to shrink it): prefill and decode
-tokens/s (decode step captured in a CUDA graph with a static KV cache), bf16 vs every decoder linear replaced by
-``w4a4_linear`` (down_proj with the online Hadamard, its weight pre-rotated), and weight memory.
+then the Hadamard+quant kernel alone at M = 8192, K ∈ {4096, 14336, 28672}, against the copy bound (activation read
+once, int4 + scales written once, at the device-to-device copy bandwidth measured here), with a small (block_m,
+num_warps) sweep (num_warps only for the chunked kernel of wide rows). Times are medians of
+``triton.testing.do_bench`` over CUDA-graph replays of one call per input set, rotating enough sets to spill the
+50 MB L2. Results print as markdown and go to ``--out`` as JSON.
 
 ``--compile-report`` runs ``python -m lsr.kernels.compile_check``: every kernel variant compiled for sm_90 with
 Triton's bundled ptxas; registers, stack (spills), shared memory, CTAs/SM, shared-memory writes in loops, SASS op
-counts. No GPU needed.
+counts. No GPU needed. The end-to-end model benchmark is ``scripts/bench_e2e.py``; shared timing helpers live in
+``scripts/_bench_utils.py``.
 
 Everything else needs CUDA; on a machine without it, it says so and exits.
 """
@@ -36,99 +34,36 @@ Everything else needs CUDA; on a machine without it, it says so and exits.
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import os
-import platform
 import sys
-import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
+from _bench_utils import (
+    add_common_args,
+    bench,
+    compile_report,
+    copy_bandwidth,
+    device_meta,
+    n_sets,
+    require_cuda,
+    save_json,
+)
 
-L2_BYTES = 50 * 2**20  # H100 L2; rotation sets are sized to exceed a few times this
 SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336))  # (N, K): q/o-like, gate/up, down
 MS = (1, 16, 128, 2048, 8192)
 
 
-def _default_out() -> str:
-    out_dir = os.environ.get("OUT")
-    return str(Path(out_dir) / "kernels_h100.json") if out_dir else "benchmarks/kernels_h100.json"
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--out", default=_default_out(), help="JSON output path (default: $OUT/kernels_h100.json when $OUT\n"
-                   "is set, which is what comes back from the GPU machine; else benchmarks/kernels_h100.json)")
+    add_common_args(p, "kernels_h100.json")
     p.add_argument("--ms", default=",".join(map(str, MS)), help="comma-separated token counts M")
     p.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES), help="comma-separated NxK")
-    p.add_argument("--quant-ks", default="4096,14336", help="K values for the Hadamard+quant-alone section")
+    p.add_argument("--quant-ks", default="4096,14336,28672", help="K values for the Hadamard+quant-alone section")
     p.add_argument("--quant-m", type=int, default=8192)
-    p.add_argument("--warmup-ms", type=float, default=25.0)
-    p.add_argument("--rep-ms", type=float, default=200.0)
     p.add_argument("--skip-checks", action="store_true", help="skip the exactness checks before timing")
     p.add_argument("--no-gemm", action="store_true", help="skip the GEMM table")
     p.add_argument("--no-quant", action="store_true", help="skip the Hadamard+quant section")
-    p.add_argument("--e2e", action="store_true", help="run the LLaMA-3-8B-shaped end-to-end benchmark instead")
-    p.add_argument("--layers", type=int, default=32, help="--e2e: decoder layers (32 = LLaMA-3-8B)")
-    p.add_argument("--prefill-len", type=int, default=2048, help="--e2e: prompt tokens per prefill")
-    p.add_argument("--decode-batch", default="1,16", help="--e2e: comma-separated decode batch sizes")
-    p.add_argument("--context", type=int, default=1024, help="--e2e: KV-cache length at which decode is timed")
-    p.add_argument("--compile-report", action="store_true",
-                   help="compile the kernels for --arch with ptxas and print registers, spills, SASS op counts\n"
-                        "(no GPU needed)")  # fmt: skip
-    p.add_argument("--arch", type=int, default=90, help="--compile-report: compute capability (90 = Hopper)")
     return p.parse_args(argv)
-
-
-# ----------------------------------------------------------------------------------------------- timing
-
-
-def _bench(call: Callable[[int], object], n_sets: int, warmup_ms: float, rep_ms: float) -> tuple[float, str]:
-    """Median ms of one ``call(i)``: a CUDA graph replays ``call(0..n_sets-1)``; eager loop if capture fails."""
-    import triton
-
-    for i in range(n_sets):  # compile / autotune / lazy init outside the graph
-        call(i)
-    torch.cuda.synchronize()
-    try:
-        g = torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for i in range(n_sets):
-                call(i)
-        torch.cuda.current_stream().wait_stream(stream)
-        with torch.cuda.graph(g):
-            for i in range(n_sets):
-                call(i)
-        ms = triton.testing.do_bench(g.replay, warmup=warmup_ms, rep=rep_ms, return_mode="median")
-        return ms / n_sets, "graph"
-    except Exception as e:  # noqa: BLE001 - report and fall back
-        print(f"  (CUDA graph capture failed: {type(e).__name__}: {e}; timing eagerly)", file=sys.stderr)
-        torch.cuda.synchronize()
-
-        def loop() -> None:
-            for i in range(n_sets):
-                call(i)
-
-        ms = triton.testing.do_bench(loop, warmup=warmup_ms, rep=rep_ms, return_mode="median")
-        return ms / n_sets, "eager"
-
-
-def _n_sets(bytes_per_set: int) -> int:
-    return max(1, min(16, math.ceil(3 * L2_BYTES / max(bytes_per_set, 1))))
-
-
-def _copy_bandwidth(warmup_ms: float, rep_ms: float) -> float:
-    """Device-to-device copy bandwidth in bytes/s (read + write counted) on a 1 GiB buffer."""
-    import triton
-
-    src = torch.randn(2**28, device="cuda")  # 1 GiB
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=warmup_ms, rep=rep_ms, return_mode="median")
-    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
 
 
 # ----------------------------------------------------------------------------------------------- GEMM table
@@ -148,11 +83,11 @@ def _gemm_methods(
     from lsr.kernels.w4a4_gemm import w4a4_decode, w4a4_fp8_matmul, w4a4_gemm, widen_int4_to_fp8
 
     n, k = w.shape
-    ns = _n_sets(n * k // 2 + m * k * 2)
+    ns = n_sets(n * k // 2 + m * k * 2)
     xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(ns)]
-    n_w = _n_sets(n * k * 2 + m * k * 2)
+    n_w = n_sets(n * k * 2 + m * k * 2)
     ws_bf16 = [w] + [torch.randn_like(w) for _ in range(n_w - 1)]
-    n_w8 = _n_sets(n * k + m * k)
+    n_w8 = n_sets(n * k + m * k)
     ws8 = [(w8, sw8)] + [_fp8_rowwise(torch.randn_like(w)) for _ in range(n_w8 - 1)]
     xs8 = [_fp8_rowwise(xs[i % ns]) for i in range(n_w8)]
     pws = [(pw, sw)] + [quantize_weight_int4(torch.randn_like(w)) for _ in range(ns - 1)]
@@ -297,7 +232,7 @@ def bench_gemm(args: argparse.Namespace, results: dict) -> None:
             times: dict[str, float] = {}
             for name, (call, nsets) in methods.items():
                 try:
-                    t, mode = _bench(call, nsets, args.warmup_ms, args.rep_ms)
+                    t, mode = bench(call, nsets, args.warmup_ms, args.rep_ms)
                 except Exception as e:  # noqa: BLE001 - keep the table going, record the failure
                     print(f"  {name} N={n} K={k} M={m} failed: {type(e).__name__}: {e}", file=sys.stderr)
                     rows.append({"N": n, "K": k, "M": m, "method": name, "error": f"{type(e).__name__}: {e}"})
@@ -320,7 +255,7 @@ def bench_gemm(args: argparse.Namespace, results: dict) -> None:
 
 
 def _quant_variants(xs: list[torch.Tensor]) -> dict[str, Callable[[int], object]]:
-    from lsr.kernels.hadamard_quant import quantize_int4
+    from lsr.kernels.hadamard_quant import hadamard_launch, quantize_int4
     from lsr.kernels.reference import quantize_per_token_int4
 
     dst = [torch.empty_like(xi) for xi in xs]
@@ -338,11 +273,15 @@ def _quant_variants(xs: list[torch.Tensor]) -> dict[str, Callable[[int], object]
         variants["fht + lsr quant"] = lambda i: quantize_int4(xs[i], hadamard=True, hadamard_impl="fht")
     except ImportError:
         pass
-    for bm in (1, 2, 4, 8):
-        for warps in (4, 8, 16):
-            variants[f"sweep fused H+quant bm={bm} warps={warps}"] = lambda i, bm=bm, warps=warps: quantize_int4(
-                xs[i], hadamard=True, block_m=bm, num_warps=warps
-            )
+    k = xs[0].shape[1]
+    if hadamard_launch(k, xs[0].shape[0]).kernel == "_hadamard_quant_chunked_kernel":  # one row per program
+        grid = [(None, w) for w in (8, 16, 32)]
+    else:
+        grid = [(bm, w) for bm in (1, 2, 4, 8) for w in (4, 8, 16)]
+    for bm, warps in grid:
+        variants[f"sweep fused H+quant bm={bm} warps={warps}"] = lambda i, bm=bm, warps=warps: quantize_int4(
+            xs[i], hadamard=True, block_m=bm, num_warps=warps
+        )
     return variants
 
 
@@ -351,14 +290,14 @@ def bench_quant(args: argparse.Namespace, results: dict) -> None:
     rows = results.setdefault("quant", [])
     m = args.quant_m
     for k in (int(v) for v in args.quant_ks.split(",")):
-        xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(_n_sets(m * k * 2))]
+        xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(n_sets(m * k * 2))]
         ns = len(xs)
         moved = m * k * 2 + m * k // 2 + m * 4
         bound_ms = moved / bw * 1e3
         variants = _quant_variants(xs)
         for name, call in variants.items():
             try:
-                t, mode = _bench(call, ns, args.warmup_ms, args.rep_ms)
+                t, mode = bench(call, ns, args.warmup_ms, args.rep_ms)
             except Exception as e:  # noqa: BLE001
                 print(f"  {name} K={k} failed: {type(e).__name__}: {e}", file=sys.stderr)
                 rows.append({"M": m, "K": k, "variant": name, "error": f"{type(e).__name__}: {e}"})
@@ -368,150 +307,6 @@ def bench_quant(args: argparse.Namespace, results: dict) -> None:
             print(f"quant M={m} K={k} {name}: {t * 1e3:.1f}us ({t / bound_ms:.2f}x copy bound)", flush=True)
         del xs, variants
         torch.cuda.empty_cache()
-
-
-# ----------------------------------------------------------------------------------------------- end to end
-
-
-class W4A4Linear(torch.nn.Module):
-    """Drop-in for a bias-free ``nn.Linear``: int4 weights, ``w4a4_linear`` forward."""
-
-    def __init__(self, lin: torch.nn.Linear, hadamard: bool, backend: str = "auto") -> None:
-        super().__init__()
-        from lsr.hadamard import hadamard_transform
-        from lsr.kernels import quantize_weight_int4
-
-        w = lin.weight.detach().float()
-        if hadamard:  # the online x·H is undone by folding H into the weight: (xH)(WH)^T = x W^T
-            w = hadamard_transform(w)
-        packed, scale = quantize_weight_int4(w)
-        self.register_buffer("packed", packed)
-        self.register_buffer("scale", scale)
-        self.bias = None if lin.bias is None else torch.nn.Parameter(lin.bias.detach().clone())
-        self.hadamard, self.backend = hadamard, backend
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from lsr.kernels import w4a4_linear
-
-        return w4a4_linear(x, self.packed, self.scale, hadamard=self.hadamard, backend=self.backend, bias=self.bias)
-
-
-def _to_w4a4(model: torch.nn.Module) -> int:
-    names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    count = 0
-    for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name in names:
-                lin = getattr(parent, name, None)
-                if isinstance(lin, torch.nn.Linear):
-                    setattr(parent, name, W4A4Linear(lin, hadamard=name == "down_proj"))
-                    del lin
-                    count += 1
-        torch.cuda.empty_cache()
-    return count
-
-
-def _weight_bytes(model: torch.nn.Module) -> dict[str, float]:
-    total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-    layers = sum(
-        t.numel() * t.element_size() for t in list(model.model.layers.parameters()) + list(model.model.layers.buffers())
-    )
-    return {"all_GB": total / 1e9, "decoder_layers_GB": layers / 1e9}
-
-
-def _static_cache(config, batch: int, max_len: int):
-    from transformers import StaticCache
-
-    try:
-        return StaticCache(config=config, max_cache_len=max_len)
-    except TypeError:  # older transformers
-        return StaticCache(config=config, max_batch_size=batch, max_cache_len=max_len, device="cuda",
-                           dtype=torch.bfloat16)  # fmt: skip
-
-
-def _decode_step(model, tok, cache, cpos, ppos) -> Callable[[], object]:
-    def step():
-        return model(input_ids=tok, past_key_values=cache, cache_position=cpos, position_ids=ppos, use_cache=True)
-
-    return step
-
-
-@torch.no_grad()
-def _measure(model, config, args: argparse.Namespace, label: str) -> dict:
-
-    out: dict = {"weights": _weight_bytes(model), "memory_allocated_GB": torch.cuda.memory_allocated() / 1e9}
-    vocab = config.vocab_size
-    ids = torch.randint(0, vocab, (1, args.prefill_len), device="cuda")
-    prefill = lambda: model.model(input_ids=ids, use_cache=False)  # decoder stack; lm_head is the same in both
-    # GPU time of the whole forward, replayed from a CUDA graph (no host launch gaps); eager events if capture fails
-    t, mode = _bench(lambda i: prefill(), 1, args.warmup_ms, max(args.rep_ms, 500))
-    out["prefill"] = {"tokens": args.prefill_len, "ms": t, "timing": mode,
-                      "tokens_per_s": args.prefill_len / (t * 1e-3)}  # fmt: skip
-    print(f"[{label}] prefill {args.prefill_len} tokens: {t:.2f} ms, {args.prefill_len / t * 1e3:.0f} tok/s")
-    out["decode"] = []
-    for batch in (int(b) for b in args.decode_batch.split(",")):
-        ctx = args.context
-        cache = _static_cache(config, batch, ctx + 8)
-        prompt = torch.randint(0, vocab, (batch, ctx), device="cuda")
-        pos = torch.arange(ctx, device="cuda")
-        model(input_ids=prompt, past_key_values=cache, cache_position=pos, use_cache=True)
-        tok = torch.randint(0, vocab, (batch, 1), device="cuda")
-        cpos = torch.tensor([ctx], device="cuda")
-        ppos = cpos.view(1, 1).expand(batch, 1)
-
-        step = _decode_step(model, tok, cache, cpos, ppos)
-        rec = {"batch": batch, "context": ctx}
-        try:
-            ms, mode = _bench(lambda i, step=step: step(), 1, args.warmup_ms, max(args.rep_ms, 500))
-        except Exception as e:  # noqa: BLE001
-            rec["error"] = f"{type(e).__name__}: {e}"
-            print(f"[{label}] decode batch {batch} failed: {rec['error']}", file=sys.stderr)
-            out["decode"].append(rec)
-            continue
-        rec.update(ms_per_step=ms, timing=mode, tokens_per_s=batch / (ms * 1e-3))
-        out["decode"].append(rec)
-        print(f"[{label}] decode batch {batch} @ctx {ctx}: {ms:.3f} ms/step ({mode}), {batch / ms * 1e3:.0f} tok/s")
-        del cache
-        torch.cuda.empty_cache()
-    return out
-
-
-def bench_e2e(args: argparse.Namespace, results: dict) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=args.layers,
-        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
-        rms_norm_eps=1e-5, tie_word_embeddings=False,
-    )  # fmt: skip
-    config._attn_implementation = "sdpa"
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("cuda"):
-            model = LlamaForCausalLM(config).eval()
-    finally:
-        torch.set_default_dtype(default)
-    e2e = results.setdefault("e2e", {"layers": args.layers})
-    e2e["bf16"] = _measure(model, config, args, "bf16")
-    t0 = time.time()
-    e2e["replaced_linears"] = _to_w4a4(model)
-    e2e["convert_s"] = time.time() - t0
-    torch.cuda.empty_cache()
-    e2e["w4a4"] = _measure(model, config, args, "w4a4")
-    b, q = e2e["bf16"], e2e["w4a4"]
-    e2e["prefill_speedup"] = q["prefill"]["tokens_per_s"] / b["prefill"]["tokens_per_s"]
-    e2e["decoder_weight_ratio"] = q["weights"]["decoder_layers_GB"] / b["weights"]["decoder_layers_GB"]
-
-
-# ----------------------------------------------------------------------------------------------- compile report
-
-
-def compile_report(args: argparse.Namespace) -> int:
-    """Compile every kernel variant for ``sm_<arch>`` with ptxas (no GPU needed): :mod:`lsr.kernels.compile_check`."""
-    from lsr.kernels import compile_check
-
-    return compile_check.main(["--arch", str(args.arch)])
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -554,19 +349,6 @@ def _markdown(results: dict) -> str:
                 lines.append(f"| {best['M']} | {k} | best of {best['variant']} | {best['ms'] * 1e3:.1f} µs | "
                              f"{best['x_bound']:.2f} |")  # fmt: skip
         lines.append("")
-    e2e = results.get("e2e")
-    if e2e and "w4a4" in e2e:
-        lines.append(f"| e2e ({e2e['layers']} layers) | bf16 | W4A4 | ratio |")
-        lines.append("|---|---|---|---|")
-        b, q = e2e["bf16"], e2e["w4a4"]
-        lines.append(f"| prefill tok/s | {b['prefill']['tokens_per_s']:.0f} | {q['prefill']['tokens_per_s']:.0f} | "
-                     f"{e2e['prefill_speedup']:.2f} |")  # fmt: skip
-        for db, dq in zip(b["decode"], q["decode"], strict=False):
-            if "tokens_per_s" in db and "tokens_per_s" in dq:
-                lines.append(f"| decode tok/s (batch {db['batch']}) | {db['tokens_per_s']:.0f} | "
-                             f"{dq['tokens_per_s']:.0f} | {dq['tokens_per_s'] / db['tokens_per_s']:.2f} |")  # fmt: skip
-        lines.append(f"| decoder weights GB | {b['weights']['decoder_layers_GB']:.2f} | "
-                     f"{q['weights']['decoder_layers_GB']:.2f} | {e2e['decoder_weight_ratio']:.2f} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -574,45 +356,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.compile_report:
         return compile_report(args)
-    if not torch.cuda.is_available():
-        print("bench_kernels.py measures GPU kernels and needs CUDA; torch.cuda.is_available() is False here, "
-              "so there is nothing to measure. Run it on the GPU machine.", file=sys.stderr)  # fmt: skip
+    if not require_cuda("bench_kernels.py"):
         return 2
-    import triton
-
-    props = torch.cuda.get_device_properties(0)
-    results: dict = {
-        "meta": {
-            "device": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
-            "triton": triton.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv[1:],
-        }
-    }  # fmt: skip
     from lsr.kernels import FP8_MIN_M
 
+    results: dict = {"meta": device_meta()}
     results["meta"]["FP8_MIN_M"] = FP8_MIN_M
-    results["meta"]["copy_bandwidth_GBps"] = _copy_bandwidth(args.warmup_ms, args.rep_ms) / 1e9
-    print(f"# {props.name}: copy bandwidth {results['meta']['copy_bandwidth_GBps']:.0f} GB/s", flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-
-    def save() -> None:
-        out.write_text(json.dumps(results, indent=1))
-
+    results["meta"]["copy_bandwidth_GBps"] = copy_bandwidth(args.warmup_ms, args.rep_ms) / 1e9
+    print(f"# {results['meta']['device']}: copy bandwidth {results['meta']['copy_bandwidth_GBps']:.0f} GB/s",
+          flush=True)  # fmt: skip
     try:
-        if args.e2e:
-            bench_e2e(args, results)
-        else:
-            if not args.no_gemm:
-                bench_gemm(args, results)
-                save()
-            if not args.no_quant:
-                bench_quant(args, results)
+        if not args.no_gemm:
+            bench_gemm(args, results)
+            save_json(args.out, results)
+        if not args.no_quant:
+            bench_quant(args, results)
     finally:
-        save()
+        save_json(args.out, results)
     print()
     print(_markdown(results))
-    print(f"\nwrote {out}")
+    print(f"\nwrote {args.out}")
     return 0
 
 

@@ -18,11 +18,14 @@ import pytest
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
-# Default launches that still spill, with why; the test fails when this set and the compiler disagree.
-KNOWN_SPILLS = {
-    # Issue 14 item 4, open: a 28672-wide row (32768 padded float32 values) does not fit in one CTA's registers
-    # (32 warps: 64 regs per thread) with the 3-term bf16 split; needs the row staged through shared memory.
-    "hadamard_quant K=28672",
+# Default launches that still spill, with why, and the Triton versions below which they do (None: every version);
+# the test fails when this table and the compiler disagree.
+KNOWN_SPILLS: dict[str, tuple[int, int] | None] = {
+    # The chunked Hadamard+quant (issue 14 item 4) holds a 64-value float32 accumulator per thread under a
+    # 128-register cap; Triton 3.3's code for the chunk's dots needs a few more: 24-48 bytes of stack.
+    # Spill-free from 3.6 on (3.6.0 and 3.9.0 checked).
+    "hadamard_quant K=14336": (3, 6),
+    "hadamard_quant K=28672": (3, 6),
 }
 
 
@@ -37,6 +40,8 @@ def reports(tmp_path_factory) -> list[dict]:
         pytest.fail(f"compile_check produced no report (rc {r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     data = json.loads(out.read_text())
     print(f"triton {data['triton']}, sm_{data['arch']}: {len(data['reports'])} variants")
+    for r in data["reports"]:
+        r["triton"] = data["triton"]
     return data["reports"]
 
 
@@ -44,25 +49,42 @@ def _label(r: dict) -> str:
     return r["variant"]["label"]
 
 
-def _known(label: str) -> bool:
-    return any(label.startswith(k) for k in KNOWN_SPILLS)
+def _version(v: str) -> tuple[int, int]:
+    major, minor = v.split(".")[:2]
+    return int(major), int(minor)
+
+
+def _known_here(triton_version: str) -> set[str]:
+    """The KNOWN_SPILLS entries that apply to this Triton version."""
+    v = _version(triton_version)
+    return {k for k, below in KNOWN_SPILLS.items() if below is None or v < below}
 
 
 def test_every_variant_compiles(reports):
     kernels = {r["variant"]["kernel"] for r in reports}
     assert {"_w4a4_gemm_kernel", "_w4a4_decode_dp4a_kernel", "_w4a4_decode_kernel", "_hadamard_quant_kernel",
-            "_quant_kernel", "_splitk_epilogue_kernel", "_widen_fp8_kernel"} <= kernels  # fmt: skip
+            "_hadamard_quant_chunked_kernel", "_quant_kernel", "_splitk_epilogue_kernel",
+            "_widen_fp8_kernel"} <= kernels  # fmt: skip
     failed = {_label(r): r["error"] for r in reports if r["error"]}
     assert not failed, failed
     assert all(r["regs"] > 0 and r["ctas_per_sm"] >= 1 for r in reports)  # resources read, launch fits an SM
 
 
 def test_default_launches_do_not_spill(reports):
+    known = _known_here(reports[0]["triton"])
     spilling = {_label(r): (r["regs"], r["stack"]) for r in reports if r["variant"]["default"] and r["spills"]}
-    unexpected = {k: v for k, v in spilling.items() if not _known(k)}
+    unexpected = {k: v for k, v in spilling.items() if not any(k.startswith(p) for p in known)}
     assert not unexpected, f"register spills (regs, stack bytes): {unexpected}"
-    fixed = {k for k in KNOWN_SPILLS if not any(lb.startswith(k) for lb in spilling)}
-    assert not fixed, f"no longer spilling, remove from KNOWN_SPILLS: {fixed}"
+    fixed = {k for k in known if not any(lb.startswith(k) for lb in spilling)}
+    assert not fixed, f"no longer spilling on triton {reports[0]['triton']}, update KNOWN_SPILLS: {fixed}"
+
+
+def test_hadamard_quant_occupancy(reports):
+    """Issue 14 item 4: the 8B FFN width (K = 14336) leaves room for two programs per SM."""
+    rows = [r for r in reports if _label(r).startswith("hadamard_quant K=14336")]
+    assert rows
+    for r in rows:
+        assert r["ctas_per_sm"] >= 2, (_label(r), r["regs"], r["shared"])
 
 
 def test_gemm_widened_weights_stay_in_registers(reports):

@@ -170,6 +170,30 @@ def test_quant_kernel_hadamard_matches_reference(K, dtype, precision):
     assert same / total >= 0.999
 
 
+@pytest.mark.parametrize(
+    ("K", "tile_max"),
+    [(1792, 256), (4096, 256), (14336, None), (28672, None)],  # small K forced onto the chunked kernel; 8B/70B FFN
+)
+def test_quant_kernel_hadamard_chunked(K, tile_max, monkeypatch):
+    """Rows wider than one tile: ``_hadamard_quant_chunked_kernel`` (N0 chunks, signs of H_N0 from bits)."""
+    if tile_max is not None:
+        monkeypatch.setattr(hq, "TILE_MAX", tile_max)
+        monkeypatch.setattr(hq, "_PLANS", {})
+    launch = hq.hadamard_launch(K, 3)
+    assert launch.kernel == "_hadamard_quant_chunked_kernel" and launch.constexprs["N0"] > 1
+    x = (torch.randn(3, K, generator=_gen(25)) * 2).bfloat16()
+    x[1] = 0.0  # zero token: scale 1
+    q_ref, s_ref = quantize_per_token_int4(x, hadamard=True)
+    p, s = hq.quantize_int4(x.to(DEV), hadamard=True)
+    d = (unpack_int4(p.cpu()).int() - q_ref.int()).abs()
+    assert int(d.max()) <= 1 and float((d == 0).float().mean()) >= 0.999
+    assert torch.allclose(s.cpu(), s_ref, rtol=1e-5, atol=0)
+    planes = hq.quantize_int4(x.to(DEV), hadamard=True, out="planes")[0]
+    assert torch.equal(planes.cpu(), wg.to_planes(p).cpu())
+    f8 = hq.quantize_int4(x.to(DEV), hadamard=True, out="fp8")[0]
+    assert torch.equal(f8.cpu().float(), unpack_int4(p.cpu()).float())
+
+
 @pytest.mark.parametrize("K", [64, 256])  # 4^k: 1/sqrt(K) is a power of two, so the reference is exact too
 def test_quant_kernel_hadamard_exact_on_exact_inputs(K):
     """Inputs whose transform is exactly representable: integers, and x = y·H for integer y with .5 ties."""

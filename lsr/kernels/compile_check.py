@@ -49,6 +49,8 @@ class Variant:
     num_warps: int
     num_stages: int
     default: bool = True  # a launch lsr makes on its own (spill-free required); False: sweeps and overrides
+    maxnreg: int | None = None  # register cap per thread (ptx .maxnreg), as the launcher passes it
+    unhinted: tuple[str, ...] = ()  # runtime ints a launch does not specialise as divisible by 16
 
 
 @dataclasses.dataclass
@@ -75,6 +77,7 @@ class Report:
         d = dataclasses.asdict(self)
         d["variant"] = {"label": self.variant.label, "kernel": self.variant.kernel, "default": self.variant.default,
                         "num_warps": self.variant.num_warps, "num_stages": self.variant.num_stages,
+                        "maxnreg": self.variant.maxnreg,
                         "constexprs": {k: str(v) for k, v in self.variant.constexprs.items()}}  # fmt: skip
         d["spills"] = self.spills
         return d
@@ -99,11 +102,19 @@ def variants() -> list[Variant]:
             if key in seen:
                 continue
             seen.add(key)
+            chunked = launch.kernel == "_hadamard_quant_chunked_kernel"
+            shape = f"n0={launch.constexprs['N0']} s{launch.num_stages}" if chunked else f"bm={launch.block_m}"
             for out_kind in hq.OUT_KINDS:
                 const = dict(launch.constexprs, NSPLIT_IN=1, NSPLIT=3, OUT=out_kind, F32DOT=False)
                 sig = dict(hq_sig, out_ptr=hq.OUT_PTR_TYPE[out_kind])
-                label = f"hadamard_quant K={k} M={m} {out_kind} bm={launch.constexprs['BLOCK_M']} w{launch.num_warps}"
-                out.append(Variant(label, "hadamard_quant", "_hadamard_quant_kernel", sig, const, launch.num_warps, 1))
+                if chunked:  # n_chunks: a runtime int (the loop's trip count), 8: not specialised as % 16
+                    sig["n_chunks"] = I32
+                label = f"hadamard_quant K={k} M={m} {out_kind} {shape} w{launch.num_warps}"
+                if launch.maxnreg:
+                    label += f" r{launch.maxnreg}"
+                out.append(Variant(label, "hadamard_quant", launch.kernel, sig, const, launch.num_warps,
+                                   launch.num_stages, maxnreg=launch.maxnreg,
+                                   unhinted=("n_chunks",) if chunked else ()))  # fmt: skip
     q_sig = {"x_ptr": BF16, "out_ptr": U8, "scale_ptr": F32, "M": I32, "K": I32, "stride_xm": I32, "stride_om": I32}
     for k in PLAIN_KS:
         bm, kp, warps = hq.quant_launch(k, 8192)
@@ -152,13 +163,13 @@ def variants() -> list[Variant]:
     return out
 
 
-def _source(fn, sig: dict[str, str], const: dict[str, object]):
+def _source(fn, sig: dict[str, str], const: dict[str, object], unhinted: tuple[str, ...] = ()):
     """An ``ASTSource`` for Triton >= 3.3 (``constexprs``, dict attrs) or 3.2 (``constants``, AttrsDescriptor)."""
     import inspect
 
     from triton.compiler import ASTSource
 
-    hinted = [fn.arg_names.index(k) for k, v in sig.items() if v != "fp32"]
+    hinted = [fn.arg_names.index(k) for k, v in sig.items() if v != "fp32" and k not in unhinted]
     if "constexprs" in inspect.signature(ASTSource.__init__).parameters:
         full = {**sig, **{k: "constexpr" for k in const}}
         attrs = {(i,): [["tt.divisibility", 16]] for i in hinted}
@@ -217,8 +228,9 @@ def compile_variant(v: Variant, arch: int = 90) -> Report:
     rep = Report(v)
     try:
         kern = triton.compile(
-            _source(fn, v.signature, v.constexprs), target=GPUTarget("cuda", arch, 32),
-            options={"num_warps": v.num_warps, "num_stages": v.num_stages},
+            _source(fn, v.signature, v.constexprs, v.unhinted), target=GPUTarget("cuda", arch, 32),
+            options={"num_warps": v.num_warps, "num_stages": v.num_stages,
+                     **({"maxnreg": v.maxnreg} if v.maxnreg else {})},
         )  # fmt: skip
     except Exception as e:  # noqa: BLE001 - reported, the caller decides
         msg = str(e).strip().splitlines()

@@ -218,6 +218,17 @@ def w4a4_gemm(
 
 
 @triton.jit
+def _load_decode_chunk(a_ptr, w_ptr, rm, rn, mmask, nmask, kk, K_LIMIT, stride_am, stride_wn):
+    """One K chunk of the decode kernels: activations ``[BLOCK_M, len(kk)]`` and weights ``[BLOCK_N, len(kk)]``
+    (bytes or int32 words, zero past ``K_LIMIT``, N and M)."""
+    kmask = kk < K_LIMIT
+    w = tl.load(w_ptr + rn.to(tl.int64)[:, None] * stride_wn + kk[None, :], mask=nmask[:, None] & kmask[None, :],
+                other=0)  # fmt: skip
+    a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :], mask=mmask[:, None] & kmask[None, :], other=0)
+    return a, w
+
+
+@triton.jit
 def _w4a4_decode_kernel(
     a_ptr, w_ptr, sa_ptr, sw_ptr, out_ptr, ws_ptr,
     M, N, KH, stride_am, stride_wn, stride_om, CHUNKS,
@@ -239,14 +250,7 @@ def _w4a4_decode_kernel(
     acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_KH), dtype=tl.float32)  # reduced over k once, after the loop
     k0 = pid_k * CHUNKS * BLOCK_KH
     for c in tl.range(0, CHUNKS, num_stages=NUM_STAGES):  # loads of later chunks in flight (cp.async)
-        kk = k0 + c * BLOCK_KH + rk
-        kmask = kk < KH
-        w = tl.load(
-            w_ptr + rn.to(tl.int64)[:, None] * stride_wn + kk[None, :],
-            mask=nmask[:, None] & kmask[None, :],
-            other=0,
-        )
-        a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :], mask=mmask[:, None] & kmask[None, :], other=0)
+        a, w = _load_decode_chunk(a_ptr, w_ptr, rm, rn, mmask, nmask, k0 + c * BLOCK_KH + rk, KH, stride_am, stride_wn)
         w_lo, w_hi = _widen(w)
         a_lo, a_hi = _widen(a)
         w_lo = w_lo.to(tl.float32)
@@ -316,14 +320,7 @@ def _w4a4_decode_dp4a_kernel(
     ones = tl.full((BLOCK_M, BLOCK_KW), 0x01010101, tl.int32)
     k0 = pid_k * CHUNKS * BLOCK_KW
     for c in tl.range(0, CHUNKS, num_stages=NUM_STAGES):  # loads of later chunks in flight (cp.async)
-        kk = k0 + c * BLOCK_KW + rk
-        kmask = kk < KW
-        w = tl.load(
-            w_ptr + rn.to(tl.int64)[:, None] * stride_wn + kk[None, :],
-            mask=nmask[:, None] & kmask[None, :],
-            other=0,
-        )
-        a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :], mask=mmask[:, None] & kmask[None, :], other=0)
+        a, w = _load_decode_chunk(a_ptr, w_ptr, rm, rn, mmask, nmask, k0 + c * BLOCK_KW + rk, KW, stride_am, stride_wn)
         w_lo = (w & _NIB) ^ _BIAS8
         w_hi = ((w >> 4) & _NIB) ^ _BIAS8
         a_lo = (((a & _NIB) ^ _BIAS8) + _SEXT) ^ _FLIP  # per byte: nibble -> sign-extended int8, no carries
