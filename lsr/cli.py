@@ -20,6 +20,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from lsr.data.config import DataConfig
 from lsr.export.config import ExportConfig
+from lsr.export.prepare import EXPORT_CALIBRATION
 from lsr.models.loading import ModelConfig
 from lsr.recipe import PRESETS, Recipe
 
@@ -67,7 +68,7 @@ def _subparser(command: str, recipe: Recipe) -> ArgumentParser:
         p.add_argument("source", type=str, help="refined checkpoint directory (lsr fit output) or model name/path")
         p.add_argument("out_dir", type=str, help="output directory (refused if it exists, unless overwrite)")
         p.add_class_arguments(Recipe, "recipe", default=recipe)
-        p.add_class_arguments(DataConfig, "data", default=DataConfig(seq_len=512, num_calibration=16))
+        p.add_class_arguments(DataConfig, "data", default=EXPORT_CALIBRATION)
         p.add_class_arguments(ExportConfig, "export")
         p.add_argument("--batch_size", type=int, default=4)
     if command == "eval":

@@ -54,7 +54,8 @@ def main() -> None:
         result, tokenizer = fit(model, recipe, data, Path(args.runs) / name, batch_size=cfg["batch_size"],
                                 trainer=trainer, log_dir=str(Path("lightning_logs") / "compare"))
         ppl = perplexity(result.model, data.eval_windows(tokenizer), batch_size=data.batch_size)
-        curves.update(block_error_curves(result.records, name))
+        curves.update({k: v for k, v in block_error_curves(result.records, name).items()
+                       if k.endswith("(final)") or (recipe.learn is not None and k.endswith("(init)"))})
         rows.append({"recipe": name, "ppl": ppl, "error": full_layer_mean_error(result.records),
                      "seconds": time.perf_counter() - start})
         print(f"{name}: ppl {ppl:.3f}", flush=True)

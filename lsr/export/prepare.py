@@ -20,6 +20,9 @@ from lsr.pipeline.apply import QuantizedModel, apply_checkpoint, apply_recipe, n
 from lsr.quant.rtn import QuantSpec, quantize
 from lsr.recipe import Recipe
 
+# Calibration windows for recipes that calibrate (smoothing, GPTQ) when a plain model is exported.
+EXPORT_CALIBRATION = DataConfig(seq_len=512, num_calibration=16)
+
 
 def check_exportable(recipe: Recipe) -> None:
     """The INT4 runtime holds symmetric int4 weights with one scale per output channel and symmetric int4 per-token
@@ -68,7 +71,7 @@ def prepare_export(
     if windows is None and needs_calibration(recipe):
         if tokenizer is None:
             raise ValueError(f"recipe {recipe.name!r} calibrates: pass calibration windows or a tokenizer")
-        windows = (data or DataConfig(seq_len=512, num_calibration=16)).calibration_windows(tokenizer)
+        windows = (data or EXPORT_CALIBRATION).calibration_windows(tokenizer)
     result = apply_recipe(model, recipe, windows, batch_size=batch_size)
     result.source = info
     return result, tokenizer

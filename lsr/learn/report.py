@@ -73,10 +73,14 @@ def plot_block_errors(curves: dict[str, list[tuple[int, float]]], path: Path, yl
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    runs = list(dict.fromkeys(label.split(" (")[0] for label in curves))
+    colors = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
     for label, points in curves.items():
-        if points:
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, label=label)
+        if points:  # one colour per run; init dashed, learned dotted, final solid
+            style = "--" if "(init)" in label else ":" if "(learned)" in label else "-"
+            ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", ms=2.5, label=label,
+                    color=colors(runs.index(label.split(" (")[0]) % colors.N))
     ax.set_xlabel("decoder block")
     ax.set_ylabel(ylabel)
     ax.set_yscale("log")
