@@ -281,3 +281,30 @@ def test_unfinished_checkpoint_is_refused(tiny_dir, tmp_path, monkeypatch):
         _fit(tiny_dir, tmp_path / "run", Recipe.from_name("lsr", learn={"epochs": 1}))
     with pytest.raises(ValueError, match="holds 1 of 2 blocks: the run did not finish"):
         apply_checkpoint(load_model(str(tiny_dir[0]), with_tokenizer=False)[0], tmp_path / "run")
+
+
+def test_tensorboard_reads_at_a_glance(tiny_dir, tmp_path, capsys):
+    """Init and final on one chart per quantity, learning curves continuing across blocks, no empty card."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    main(_fit_argv(tiny_dir, run, "--trainer.log_every_n_steps", "1"))
+    charts: dict[str, dict[str, list]] = {}
+    for events in (tmp_path / "logs").rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events.parent))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            values = acc.Scalars(tag)
+            assert values, f"empty chart {tag}"
+            charts.setdefault(tag, {})[events.parent.name] = sorted((v.step, v.value) for v in values)
+    blocks = 2
+    assert set(charts["block_error"]) == {"block_error_init", "block_error_learned", "block_error_final"}
+    for name in ("q_proj", "o_proj", "down_proj"):
+        lines = charts[f"linear_error/{name}"]
+        assert set(lines) == {f"linear_error_{name}_init", f"linear_error_{name}_final"}
+        assert all([step for step, _ in points] == list(range(blocks)) for points in lines.values())
+    (curve,) = charts["train/relative_error"].values()
+    steps = [step for step, _ in curve]
+    assert steps == list(range(blocks * 2 * 4))  # 2 epochs x 4 windows per block, one step axis over all blocks
+    assert all(0 < value < 1 for _, value in curve)  # relative errors, comparable across blocks
+    assert "train/lr" in charts and "full_layer_mean_error" in charts
