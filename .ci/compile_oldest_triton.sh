@@ -4,7 +4,7 @@
 # the venv's own (newest) Triton is covered by the regular test run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OLDEST_TRITON="${OLDEST_TRITON:-3.3.1}"  # keep in step with "triton>=3.3" in pyproject.toml
+OLDEST_TRITON="${OLDEST_TRITON:-3.6.0}"  # keep in step with "triton>=3.6" in pyproject.toml
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 pip install -q --no-deps --target "$tmp/site" "triton==${OLDEST_TRITON}"

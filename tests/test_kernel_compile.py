@@ -23,7 +23,7 @@ if importlib.util.find_spec("triton") is None:
 KNOWN_SPILLS: dict[str, tuple[int, int] | None] = {
     # The chunked Hadamard+quant (issue 14 item 4) holds a 64-value float32 accumulator per thread under a
     # 128-register cap; Triton 3.3's code for the chunk's dots needs a few more: 24-48 bytes of stack.
-    # Spill-free from 3.6 on (3.6.0 and 3.9.0 checked).
+    # Spill-free from 3.6 on (3.6.0 and 3.9.0 checked), which is why pyproject asks for triton>=3.6.
     "hadamard_quant K=14336": (3, 6),
     "hadamard_quant K=28672": (3, 6),
 }
