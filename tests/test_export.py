@@ -136,6 +136,42 @@ def test_export_load_logits_match_fake_quant(exported):
     assert perplexity(model, IDS) == pytest.approx(perplexity(twin, IDS), rel=1e-5)
 
 
+@torch.no_grad()
+def test_export_with_activation_clip_matches_fake_quant(tmp_path):
+    """A fixed activation clip travels through the export: the loaded INT4 model computes the fake-quant model's
+    logits, and differs from the clip-1 export of the same model."""
+    clipped = Recipe.from_name("quarot", activations={"bits": 4, "granularity": "token", "clip_ratio": 0.9})
+    check_exportable(clipped)
+    path, twin = _export_with_twin(tmp_path / "clip", "llama", clipped)
+    section = json.loads((path / "config.json").read_text())["lsr"]
+    assert section["activation_quantization"]["clip_ratio"] == 0.9
+    assert Recipe.from_dict(section["recipe"]) == clipped
+    model = load_quantized(path, backend="reference")
+    linears = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert linears and all(m.act_clip == 0.9 for m in linears)
+    ref, out = twin(IDS).logits, model(IDS).logits
+    assert (out - ref).abs().max().item() < 1e-5, (out - ref).abs().max().item()
+    assert torch.equal(out.argmax(-1), ref.argmax(-1))
+    plain_path, plain_twin = _export_with_twin(tmp_path / "plain", "llama", "quarot")
+    plain = load_quantized(plain_path, backend="reference")(IDS).logits
+    assert (plain - out).abs().max().item() > 1e-3
+    assert (plain - plain_twin(IDS).logits).abs().max().item() < 1e-5
+    # the clip is a QuantizedLinear attribute that state_dict carries
+    fresh = QuantizedLinear(linears[0].in_features, linears[0].out_features, bias=linears[0].bias is not None)
+    fresh.load_state_dict(linears[0].state_dict())
+    assert fresh.act_clip == 0.9
+    # an export written before the clip was recorded reads as clip 1
+    config = json.loads((path / "config.json").read_text())
+    del config["lsr"]["activation_quantization"]["clip_ratio"]
+    (path / "config.json").write_text(json.dumps(config))
+    old = load_quantized(path, backend="reference")
+    assert all(m.act_clip == 1.0 for m in old.modules() if isinstance(m, QuantizedLinear))
+    config["lsr"]["activation_quantization"]["clip_ratio"] = 1.5
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="clip_ratio"):
+        load_quantized(path, backend="reference")
+
+
 @pytest.mark.parametrize("kind, recipe, overrides", [
     ("qwen2", "quarot-gptq", {}),  # q/k/v biases, GPTQ on post-Hadamard, act-quantized inputs
     ("mistral", "smoothrot-gptq", {}),
@@ -184,13 +220,14 @@ def test_gptq_groups_are_fake_quant_only(tmp_path):
 
 
 @pytest.mark.parametrize("recipe, match", [
-    (Recipe.from_name("quarot", activations={"clip_ratio": 0.9}), "quantizes activations to symmetric int4 per token"),
+    (Recipe.from_name("quarot", activations={"clip_search": True}), "needs a fixed clip ratio"),
+    (Recipe.from_name("quarot", activations={"symmetric": False}), "needs symmetric int4 per token"),
     (Recipe.from_name("quarot", activations={"bits": 8}), "quantizes activations"),
     (Recipe.from_name("quarot", activations={"granularity": "tensor"}), "quantizes activations"),
     (Recipe.from_name("quarot", weights={"spec": {"bits": 3}}), "symmetric 4-bit weights"),
     (Recipe.from_name("quarot", weights={"spec": {"symmetric": False, "clip_search": False}}), "symmetric 4-bit"),
     (Recipe.from_name("quarot", weights={"spec": {"granularity": "group", "group_size": 16}}), "one scale per"),
-], ids=["act-clip", "act-bits", "act-tensor", "w-bits", "w-asym", "w-groups"])
+], ids=["act-clip-search", "act-asym", "act-bits", "act-tensor", "w-bits", "w-asym", "w-groups"])
 def test_what_the_int4_runtime_cannot_hold_is_refused(tmp_path, recipe, match):
     with pytest.raises(ValueError, match=match):
         check_exportable(recipe)

@@ -227,6 +227,112 @@ def test_quant_kernel_fp8_output_and_torch_fallback():
     assert torch.equal(unpack_int4(p.cpu()), quantize_per_token_int4(x, hadamard=True)[0])
 
 
+# ---------------------------------------------------------------- activation clip ratio
+
+CLIPS = (1.0, 0.95, 0.9, 0.8, 0.55, 0.37)
+
+
+def _outliers(M: int, K: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Gaussian tokens with a few large outliers: with a clip < 1 those clamp to -8 / 7."""
+    x = torch.randn(M, K, generator=_gen(seed)) * 2
+    x[:, 5] *= 9.0
+    x[:, 11] *= -6.0
+    if M > 2:
+        x[2] = 0.0  # zero token: scale 1
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("hadamard", [False, True])
+def test_reference_quant_clip_matches_fake_quantizer(hadamard):
+    """Codes and scales bit-identical to ``lsr.quant.rtn.quantize`` (int4, per token, clip_ratio), clamps included."""
+    from lsr.quant.rtn import QuantSpec, quantize
+
+    x = _outliers(9, 384, 45)
+    xf = hadamard_transform(x) if hadamard else x
+    clamped = 0
+    for clip in CLIPS:
+        q, s = quantize_per_token_int4(x, hadamard=hadamard, clip_ratio=clip)
+        q_fake, s_fake, _ = quantize(xf, QuantSpec(bits=4, granularity="token", clip_ratio=clip))
+        assert torch.equal(q.float(), q_fake) and torch.equal(s, s_fake.squeeze(-1))
+        clamped += int(((xf / s[:, None]).round().abs() > 8).sum())
+    assert clamped > 0
+    q1, s1 = quantize_per_token_int4(x, hadamard=hadamard)
+    q2, s2 = quantize_per_token_int4(x, hadamard=hadamard, clip_ratio=1.0)
+    assert torch.equal(q1, q2) and torch.equal(s1, s2)
+    with pytest.raises(ValueError, match="clip_ratio"):
+        quantize_per_token_int4(x, clip_ratio=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quant_kernel_plain_clip_bit_exact(dtype):
+    for i, (M, K) in enumerate(((1, 64), (5, 448), (33, 64))):
+        x = _outliers(M, K, 50 + i, dtype)
+        for clip in (0.9, 0.55):
+            q_ref, s_ref = quantize_per_token_int4(x, clip_ratio=clip)
+            assert int((q_ref == -8).sum() + (q_ref == 7).sum()) > 0
+            p, s = hq.quantize_int4(x.to(DEV), hadamard=False, clip_ratio=clip)
+            assert torch.equal(unpack_int4(p.cpu()), q_ref) and torch.equal(s.cpu(), s_ref)
+            planes = hq.quantize_int4(x.to(DEV), hadamard=False, out="planes", clip_ratio=clip)[0]
+            assert torch.equal(planes.cpu(), torch.cat([q_ref[:, 0::2], q_ref[:, 1::2]], dim=1))
+            f8 = hq.quantize_int4(x.to(DEV), hadamard=False, out="fp8", clip_ratio=clip)[0]
+            assert torch.equal(f8.cpu().float(), q_ref.float())
+    with pytest.raises(ValueError, match="clip_ratio"):
+        hq.quantize_int4(x.to(DEV), hadamard=False, clip_ratio=1.5)
+
+
+@pytest.mark.parametrize(("K", "tile_max"), [(384, None), (448, None), (1792, 256)])  # one tile; chunked
+def test_quant_kernel_hadamard_clip_matches_reference(K, tile_max, monkeypatch):
+    if tile_max is not None:
+        monkeypatch.setattr(hq, "TILE_MAX", tile_max)
+        monkeypatch.setattr(hq, "_PLANS", {})
+    launch = hq.hadamard_launch(K, 5)
+    assert (launch.kernel == "_hadamard_quant_chunked_kernel") == (tile_max is not None)
+    x = _outliers(5, K, 60 + K, torch.bfloat16)
+    total = same = 0
+    for clip in (0.85, 0.5):
+        q_ref, s_ref = quantize_per_token_int4(x, hadamard=True, clip_ratio=clip)
+        assert int((q_ref == -8).sum() + (q_ref == 7).sum()) > 0
+        p, s = hq.quantize_int4(x.to(DEV), hadamard=True, clip_ratio=clip)
+        d = (unpack_int4(p.cpu()).int() - q_ref.int()).abs()
+        assert int(d.max()) <= 1
+        total += d.numel()
+        same += int((d == 0).sum())
+        assert torch.allclose(s.cpu(), s_ref, rtol=1e-5, atol=0)
+        f8 = hq.quantize_int4(x.to(DEV), hadamard=True, out="fp8", clip_ratio=clip)[0]
+        assert torch.equal(f8.cpu().float(), unpack_int4(p.cpu()).float())
+    assert same / total >= 0.999
+
+
+def test_quant_kernel_hadamard_clip_exact_on_exact_inputs():
+    """An exactly representable transform (integer y, K = 4^k) with clip 0.5: the fused kernel is bit-exact too."""
+    K = 64
+    y = torch.randint(-20, 21, (5, K), generator=_gen(70)).float()
+    y[:, 1] = 28.0  # max|y| = 28, clip 0.5: scale exactly 2, |y / 2| up to 14 clamps to 7 / -8
+    xy = y @ hadamard_matrix(K)
+    q_ref, s_ref = quantize_per_token_int4(xy, hadamard=True, clip_ratio=0.5)
+    assert s_ref.tolist() == [2.0] * 5 and (q_ref[:, 1] == 7).all()
+    p, s = hq.quantize_int4(xy.to(DEV), hadamard=True, clip_ratio=0.5)
+    assert torch.equal(unpack_int4(p.cpu()), q_ref) and torch.equal(s.cpu(), s_ref)
+
+
+@pytest.mark.parametrize("hadamard", [False, True])
+def test_linear_act_clip(hadamard):
+    K, N = 448, 48
+    q_w, s_w = quantize_per_token_int4(torch.randn(N, K, generator=_gen(80)))
+    pw, sw = pack_int4(q_w), s_w
+    x = _outliers(5, K, 81)
+    for clip in (1.0, 0.8):
+        q, s = quantize_per_token_int4(x, hadamard, clip)
+        ref = w4a4_linear(x, pw, sw, hadamard=hadamard, backend="reference", act_clip=clip)
+        assert torch.equal(ref, w4a4_matmul_reference(q, s, q_w, s_w, x.dtype))
+        got = w4a4_linear(x.to(DEV), pw.to(DEV), sw.to(DEV), hadamard=hadamard, backend="triton", act_clip=clip)
+        if hadamard:
+            assert (got.cpu() - ref).norm() / ref.norm() < 1e-2
+        else:
+            assert torch.equal(got.cpu(), ref)
+    assert not torch.equal(ref, w4a4_linear(x, pw, sw, hadamard=hadamard, backend="reference"))
+
+
 # ---------------------------------------------------------------- GEMMs
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from lsr.hadamard import decompose
 from lsr.models.adapter import LINEAR_NAMES, LLAMA
+from lsr.quant.rtn import QuantSpec
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -35,9 +36,32 @@ HADAMARD_CONSTRUCTION = (
 )
 ACT_QUANT = {
     "bits": 4, "symmetric": True, "granularity": "token", "dynamic": True, "after": "online transforms",
-    "scale": "max|x_t| / 7 (1 for an all-zero token), float32", "rounding": "half to even", "range": [-8, 7],
+    "scale": "(max|x_t| · clip_ratio) / 7 in float32 (1 where that is 0); clip_ratio is in this section (absent: 1); "
+             "compressed-tensors' schema has no field for it, so a consumer of quantization_config alone (vLLM) "
+             "would quantize with the plain max|x_t| / 7",
+    "rounding": "half to even", "range": [-8, 7], "clamp": "codes clamped to [-8, 7] (|x| > scale·7.5 with a clip)",
     "output": "(Σ_k q_a·q_w) · scale_t · scale_w, exact integer sums, float32 rescale",
 }
+
+
+def activation_clip(spec: QuantSpec, recipe_name: str = "") -> float:
+    """The activation clip ratio the INT4 runtime applies for ``spec``; ValueError if the runtime cannot hold ``spec``.
+
+    The runtime quantizes activations to symmetric int4 per token with ``scale = max|x_t| · clip / 7`` for one fixed
+    ``clip`` in (0, 1]: other bits, asymmetric, non-token granularity and a per-token ``clip_search`` are refused.
+    """
+    why = []
+    if spec.bits != 4 or not spec.symmetric or spec.granularity != "token":
+        why.append("symmetric int4 per token")
+    if spec.clip_search:
+        why.append("a fixed clip ratio (clip_search picks one per token, which the runtime does not do)")
+    if not 0.0 < spec.clip_ratio <= 1.0:
+        why.append("a clip ratio in (0, 1]")
+    if why:
+        raise ValueError(f"the INT4 runtime quantizes activations to symmetric int4 per token with scale "
+                         f"max|x|·clip_ratio/7 (needs {'; '.join(why)}); recipe {recipe_name!r} uses {spec} "
+                         "(fake quantization only)")
+    return float(spec.clip_ratio)
 
 
 def w4a4_scheme() -> QuantizationScheme:

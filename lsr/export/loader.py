@@ -127,6 +127,14 @@ def _online(section: dict, module_name: str, in_features: int) -> bool:
     return False
 
 
+def _act_clip(section: dict) -> float:
+    """The activation clip ratio of the ``lsr`` section (absent, as in exports before it was recorded: 1)."""
+    clip = (section.get("activation_quantization") or {}).get("clip_ratio", 1.0)
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0.0 < clip <= 1.0:
+        raise ValueError(f"config.json: lsr.activation_quantization.clip_ratio is {clip!r}, not a number in (0, 1]")
+    return float(clip)
+
+
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
@@ -139,14 +147,15 @@ def load_quantized(
     """Load an `lsr export` directory as a causal LM whose decoder linears run W4A4 with integer products.
 
     `backend` (``auto`` | ``reference`` | ``triton`` | ``fp8``) goes to every `QuantizedLinear` (switch later with
-    `lsr.export.quantized_linear.set_backend`); `dtype` is the compute dtype of the non-quantized parts
-    (embeddings, norms, attention). Raises ValueError with the offending file or tensor when the directory is
-    truncated, corrupt, or inconsistent with its config.json.
+    `lsr.export.quantized_linear.set_backend`), and so does the section's activation clip ratio (absent: 1);
+    `dtype` is the compute dtype of the non-quantized parts (embeddings, norms, attention). Raises ValueError with the
+    offending file or tensor when the directory is truncated, corrupt, or inconsistent with its config.json.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
     path = Path(path).expanduser()
     data, qconfig, section = read_config(path)
+    act_clip = _act_clip(section)
     tensors = read_tensors(path, section, verify_checksums=verify_checksums)
     model = build_skeleton(data, dtype)
     roles = fmt.module_roles(model, qconfig)
@@ -169,7 +178,7 @@ def load_quantized(
         bias = tensors.pop(f"{name}.bias", None)
         if role == "w4a4":
             new = QuantizedLinear.from_int(q, scale, bias, online_hadamard=_online(section, name, shape[1]),
-                                           backend=backend)
+                                           backend=backend, act_clip=act_clip)
         elif isinstance(module, nn.Embedding):
             new = Int8Embedding(q, scale, dtype)
         else:

@@ -13,6 +13,7 @@ from torch import nn
 
 from lsr.checkpoint import is_checkpoint, load_checkpoint
 from lsr.data.config import DataConfig
+from lsr.export import format as fmt
 from lsr.export.config import ExportConfig
 from lsr.models.adapter import adapter_for
 from lsr.models.loading import load_model
@@ -26,14 +27,13 @@ EXPORT_CALIBRATION = DataConfig(seq_len=512, num_calibration=16)
 
 def check_exportable(recipe: Recipe) -> None:
     """The INT4 runtime holds symmetric int4 weights with one scale per output channel and symmetric int4 per-token
-    activations with the plain absmax: anything else is refused (never silently dropped)."""
+    activations with ``scale = max|x|·clip/7`` for a fixed clip in (0, 1]: anything else is refused (never silently
+    dropped), activation ``clip_search`` included."""
     w, a = recipe.weights.effective_spec, recipe.activations
     if w.bits != 4 or not w.symmetric or w.granularity not in ("channel", "token"):
         raise ValueError(f"the INT4 export stores symmetric 4-bit weights with one scale per output channel; recipe "
                          f"{recipe.name!r} quantizes weights with {w} (fake quantization only)")
-    if a.bits != 4 or not a.symmetric or a.granularity != "token" or a.clip_ratio != 1.0 or a.clip_search:
-        raise ValueError(f"the INT4 runtime quantizes activations to symmetric int4 per token with scale max|x|/7; "
-                         f"recipe {recipe.name!r} uses {a} (fake quantization only)")
+    fmt.activation_clip(a, recipe.name)
 
 
 def prepare_export(

@@ -1,8 +1,9 @@
 """Runtime modules of a loaded INT4 model.
 
 `QuantizedLinear`: int4 weight (the `lsr.kernels` packed container, uint8 ``[N, K/2]``) with float32 per-channel
-scales; every forward quantizes its input per token to int4 (after the online Hadamard where it applies), multiplies
-integers and rescales, through `lsr.kernels.w4a4_linear` (backend ``reference`` is exact on any device; ``triton`` /
+scales; every forward quantizes its input per token to int4 (after the online Hadamard where it applies;
+``scale_t = max|x_t| · act_clip / 7``, ``act_clip`` the export's activation clip ratio), multiplies integers and
+rescales, through `lsr.kernels.w4a4_linear` (backend ``reference`` is exact on any device; ``triton`` /
 ``fp8`` / ``auto`` pick the fused CUDA kernels).
 
 `Int8WeightLinear` / `Int8Embedding`: the optional 8-bit weight-only lm_head (per output channel) and embedding
@@ -27,7 +28,7 @@ class QuantizedLinear(nn.Module):
 
     def __init__(
         self, in_features: int, out_features: int, *, bias: bool = False, online_hadamard: bool = False,
-        backend: str = "auto", device: torch.device | str | None = None,
+        backend: str = "auto", act_clip: float = 1.0, device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         if in_features % 2:
@@ -35,6 +36,7 @@ class QuantizedLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.online_hadamard = online_hadamard
         self.backend = backend
+        self.act_clip = act_clip
         self.register_buffer("packed_weight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8,
                                                           device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
@@ -53,14 +55,34 @@ class QuantizedLinear(nn.Module):
             raise ValueError(f"unknown backend {value!r}; choose from {BACKENDS}")
         self._backend = value
 
+    @property
+    def act_clip(self) -> float:
+        """Activation clip ratio in (0, 1]: ``scale_t = max|x_t| · act_clip / 7`` (1: the plain absmax)."""
+        return self._act_clip
+
+    @act_clip.setter
+    def act_clip(self, value: float) -> None:
+        value = float(value)
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"act_clip must be in (0, 1], got {value}")
+        self._act_clip = value
+
+    def get_extra_state(self) -> dict:
+        """``act_clip`` travels with ``state_dict`` (``<name>._extra_state``)."""
+        return {"act_clip": self.act_clip}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.act_clip = state.get("act_clip", 1.0)
+
     @classmethod
     def from_int(
         cls, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None, *, online_hadamard: bool = False,
-        backend: str = "auto",
+        backend: str = "auto", act_clip: float = 1.0,
     ) -> QuantizedLinear:
         """From int8 codes ``q [N, K]`` in [-8, 7] and per-channel scales ``[N]`` (or ``[N, 1]``)."""
         n, k = q.shape
-        module = cls(k, n, bias=bias is not None, online_hadamard=online_hadamard, backend=backend, device=q.device)
+        module = cls(k, n, bias=bias is not None, online_hadamard=online_hadamard, backend=backend, act_clip=act_clip,
+                     device=q.device)
         module.packed_weight.copy_(pack_int4(q.to(torch.int8)))
         module.weight_scale.copy_(scale.reshape(n).float())
         if bias is not None:
@@ -77,11 +99,11 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return w4a4_linear(x, self.packed_weight, self.weight_scale, hadamard=self.online_hadamard,
-                           backend=self.backend, bias=self.bias)
+                           backend=self.backend, bias=self.bias, act_clip=self.act_clip)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"online_hadamard={self.online_hadamard}, backend={self.backend}")
+                f"online_hadamard={self.online_hadamard}, backend={self.backend}, act_clip={self.act_clip}")
 
 
 class Int8WeightLinear(nn.Module):

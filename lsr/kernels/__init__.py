@@ -8,8 +8,9 @@ Conventions (the exporter and the CPU reference path rely on them):
   (``pack_int4`` / ``unpack_int4``). Weights are stored as ``q_w`` packed ``[N, K/2]`` with float32 per output
   channel scales ``scale_w [N]``; activations use the same container per token.
 * **Activation quantization** (per token, at run time): optionally ``x <- x @ H_K`` with
-  ``H_K = lsr.hadamard.hadamard_matrix(K)`` (down_proj), computed in float32; ``scale_t = max|x_t| / 7`` (1 for
-  an all-zero token); ``q = clamp(round_half_to_even(x / scale_t), -8, 7)``.
+  ``H_K = lsr.hadamard.hadamard_matrix(K)`` (down_proj), computed in float32; ``scale_t = (max|x_t| · clip) / 7``
+  in float32 (``clip`` in (0, 1], default 1: the plain absmax; 1 where the scale is 0, as for an all-zero token);
+  ``q = clamp(round_half_to_even(x / scale_t), -8, 7)``.
 * **Output**: ``y[m, n] = ((Σ_k q_a[m,k]·q_w[n,k]) · scale_t[m]) · scale_w[n]``: exact integer sums (float32 is
   exact for K <= 262144), rescaled in float32 in that order, cast to the activation dtype.
 

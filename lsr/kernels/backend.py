@@ -100,6 +100,7 @@ def w4a4_linear(
     hadamard_impl: str = "fused",
     precision: str = "exact",
     w_fp8: torch.Tensor | None = None,
+    act_clip: float = 1.0,
 ) -> torch.Tensor:
     """``Q_a(x [@ H_K]) @ Q_w^T``, rescaled, in ``x.dtype``: the W4A4 replacement of ``x @ W^T (+ bias)``.
 
@@ -111,6 +112,7 @@ def w4a4_linear(
     :func:`lsr.kernels.hadamard_quant.quantize_int4` (Triton backends only). ``w_fp8``: the weights already
     widened by :func:`lsr.kernels.w4a4_gemm.widen_int4_to_fp8` (a load-time copy of N·K bytes, twice the packed
     weights) so the ``fp8`` backend skips widening them on every call; without it each call widens them.
+    ``act_clip`` in (0, 1]: the activation clip ratio, ``scale_t = max|x_t| · act_clip / 7`` (1: the plain absmax).
     """
     K = x.shape[-1]
     if packed_w.dtype != torch.uint8 or packed_w.dim() != 2 or packed_w.shape[1] * 2 != K:
@@ -122,7 +124,7 @@ def w4a4_linear(
     which = resolve_backend(backend, x.device, M, K, N)
     scale_w = scale_w.float().contiguous()
     if which == "reference":
-        q, s = quantize_per_token_int4(x2, hadamard)
+        q, s = quantize_per_token_int4(x2, hadamard, act_clip)
         y = w4a4_matmul_reference(q, s, packed_w, scale_w, x.dtype)
     else:
         from lsr.kernels.hadamard_quant import quantize_int4
@@ -133,13 +135,14 @@ def w4a4_linear(
             decode = M <= DECODE_MAX_M
             a, s = quantize_int4(
                 x2, hadamard=hadamard, out="packed" if decode else "planes", hadamard_impl=hadamard_impl,
-                precision=precision,
+                precision=precision, clip_ratio=act_clip,
             )  # fmt: skip
             y = (w4a4_decode if decode else w4a4_gemm)(a, s, packed_w, scale_w, x.dtype)
         else:
             from lsr.kernels.w4a4_gemm import w4a4_fp8_matmul, widen_int4_to_fp8
 
-            a8, s = quantize_int4(x2, hadamard=hadamard, out="fp8", hadamard_impl=hadamard_impl, precision=precision)
+            a8, s = quantize_int4(x2, hadamard=hadamard, out="fp8", hadamard_impl=hadamard_impl, precision=precision,
+                                  clip_ratio=act_clip)
             w8 = w_fp8 if w_fp8 is not None else widen_int4_to_fp8(packed_w)
             y = w4a4_fp8_matmul(a8, s, w8, scale_w, x.dtype)
     if bias is not None:

@@ -93,7 +93,7 @@ def variants() -> list[Variant]:
 
     out: list[Variant] = []
     hq_sig = {"x_ptr": BF16, "out_ptr": U8, "scale_ptr": F32, "hm_ptr": BF16, "h1_ptr": BF16, "h2_ptr": BF16,
-              "M": I32, "stride_xm": I32, "stride_om": I32, "norm": "fp32"}  # fmt: skip
+              "M": I32, "stride_xm": I32, "stride_om": I32, "norm": "fp32", "clip": "fp32"}  # fmt: skip
     for k in HADAMARD_KS:
         seen = set()
         for m in (1, 16, 8192):
@@ -115,7 +115,8 @@ def variants() -> list[Variant]:
                 out.append(Variant(label, "hadamard_quant", launch.kernel, sig, const, launch.num_warps,
                                    launch.num_stages, maxnreg=launch.maxnreg,
                                    unhinted=("n_chunks",) if chunked else ()))  # fmt: skip
-    q_sig = {"x_ptr": BF16, "out_ptr": U8, "scale_ptr": F32, "M": I32, "K": I32, "stride_xm": I32, "stride_om": I32}
+    q_sig = {"x_ptr": BF16, "out_ptr": U8, "scale_ptr": F32, "M": I32, "K": I32, "stride_xm": I32, "stride_om": I32,
+             "clip": "fp32"}  # fmt: skip
     for k in PLAIN_KS:
         bm, kp, warps = hq.quant_launch(k, 8192)
         for out_kind in hq.OUT_KINDS:

@@ -11,11 +11,12 @@ Rows wider than one tile (padded width > ``TILE_MAX``: K = 14336, 28672) go to a
 program, still read once: ``H_n = H_{n0} ⊗ H_{n1} ⊗ H_{n2}``, each of the n0 chunks is transformed on the tensor
 cores and added with ±1 signs into a row-wide float32 accumulator, so only one chunk's dot operands are live.
 
-Quantization then matches :func:`lsr.kernels.reference.quantize_per_token_int4`: ``scale = max|y|/7`` (1 for a
-zero token), ``q = clamp(rint(y / scale), -8, 7)`` with IEEE division and round-half-to-even done by hand (exact
-on .5 ties, and identical under ``TRITON_INTERPRET=1``). Without a Hadamard the integers and scales are bit-exact.
-With one, float32 rounding in the transform differs from the reference's, so a value that lands within ~1e-6 of
-a .5 boundary can round the other way: off by exactly 1, rarely (tests require >= 99.9 % exact).
+Quantization then matches :func:`lsr.kernels.reference.quantize_per_token_int4`: ``scale = (max|y|·clip)/7``
+(``clip``: a runtime float32 clip ratio, 1 for the plain absmax; 1 where the scale is 0),
+``q = clamp(rint(y / scale), -8, 7)`` with IEEE division and round-half-to-even done by hand (exact on .5 ties, and
+identical under ``TRITON_INTERPRET=1``). Without a Hadamard the integers and scales are bit-exact. With one, float32
+rounding in the transform differs from the reference's, so a value that lands within ~1e-6 of a .5 boundary can
+round the other way: off by exactly 1, rarely (tests require >= 99.9 % exact).
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def _hadamard_tile(y, hm_ptr, h1_ptr, h2_ptr, BLOCK_M: tl.constexpr, MP: tl.cons
 @triton.jit
 def _hadamard_quant_kernel(
     x_ptr, out_ptr, scale_ptr, hm_ptr, h1_ptr, h2_ptr,
-    M, stride_xm, stride_om, norm,
+    M, stride_xm, stride_om, norm, clip,
     BLOCK_M: tl.constexpr, MM: tl.constexpr, MP: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr,
     NSPLIT_IN: tl.constexpr, NSPLIT: tl.constexpr, OUT: tl.constexpr, F32DOT: tl.constexpr,
 ):  # fmt: skip
@@ -140,9 +141,9 @@ def _hadamard_quant_kernel(
     y = _hadamard_tile(y, hm_ptr, h1_ptr, h2_ptr, BLOCK_M, MP, N1, N2, NSPLIT_IN, NSPLIT, F32DOT)
 
     amax = tl.max(tl.reshape(tl.abs(y), (BLOCK_M, MP * N1 * N2)), axis=1)
-    s = tl.math.div_rn(amax, tl.full(amax.shape, 7.0, tl.float32))
-    safe = tl.where(amax == 0.0, 1.0, s)
-    tl.store(scale_ptr + rows, tl.where(amax == 0.0, 1.0, s * norm), mask=rows < M)
+    s = tl.math.div_rn(amax * clip, tl.full(amax.shape, 7.0, tl.float32))
+    safe = tl.where(s == 0.0, 1.0, s)
+    tl.store(scale_ptr + rows, tl.where(s == 0.0, 1.0, s * norm), mask=rows < M)
     den = tl.broadcast_to(safe[:, None, None, None], (BLOCK_M, MP, N1, N2))
     q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(y, den)), -8.0), 7.0)
     if OUT == "fp8":  # via bf16 (exact for these integers): half the registers of the float32 tile
@@ -163,7 +164,7 @@ def _hadamard_quant_kernel(
 @triton.jit
 def _hadamard_quant_chunked_kernel(
     x_ptr, out_ptr, scale_ptr, hm_ptr, h1_ptr, h2_ptr,
-    M, stride_xm, stride_om, norm, n_chunks,
+    M, stride_xm, stride_om, norm, clip, n_chunks,
     MM: tl.constexpr, MP: tl.constexpr, N0: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr,
     NSPLIT_IN: tl.constexpr, NSPLIT: tl.constexpr, OUT: tl.constexpr, F32DOT: tl.constexpr,
     NUM_STAGES: tl.constexpr,
@@ -199,9 +200,9 @@ def _hadamard_quant_chunked_kernel(
         acc += tl.where((p & 1)[:, None] != 0, -y, y)
 
     amax = tl.max(tl.max(tl.abs(acc), axis=1), axis=0)
-    s = tl.math.div_rn(amax, 7.0)
-    safe = tl.where(amax == 0.0, 1.0, s)
-    tl.store(scale_ptr + row, tl.where(amax == 0.0, 1.0, s * norm))
+    s = tl.math.div_rn(amax * clip, 7.0)
+    safe = tl.where(s == 0.0, 1.0, s)
+    tl.store(scale_ptr + row, tl.where(s == 0.0, 1.0, s * norm))
     q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(acc, tl.full((N0, CH), 0.0, tl.float32) + safe)), -8.0), 7.0)
     out_row = out_ptr + row.to(tl.int64) * stride_om
     if OUT == "fp8":
@@ -225,7 +226,7 @@ def _hadamard_quant_chunked_kernel(
 
 @triton.jit
 def _quant_kernel(
-    x_ptr, out_ptr, scale_ptr, M, K, stride_xm, stride_om,
+    x_ptr, out_ptr, scale_ptr, M, K, stride_xm, stride_om, clip,
     BLOCK_M: tl.constexpr, KP: tl.constexpr, OUT: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -236,8 +237,8 @@ def _quant_kernel(
     x = tl.load(x_ptr + row_off * stride_xm + cols[None, :], mask=rmask & (cols < K)[None, :], other=0.0)
     x = x.to(tl.float32)
     amax = tl.max(tl.abs(x), axis=1)
-    s = tl.math.div_rn(amax, tl.full(amax.shape, 7.0, tl.float32))
-    safe = tl.where(amax == 0.0, 1.0, s)
+    s = tl.math.div_rn(amax * clip, tl.full(amax.shape, 7.0, tl.float32))
+    safe = tl.where(s == 0.0, 1.0, s)
     tl.store(scale_ptr + rows, safe, mask=rows < M)
     q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(x, tl.broadcast_to(safe[:, None], (BLOCK_M, KP)))), -8.0), 7.0)
     kmask = rmask & (cols < K)[None, :]
@@ -472,6 +473,7 @@ def quantize_int4(
     hadamard_impl: str = "fused",
     block_m: int | None = None,
     num_warps: int | None = None,
+    clip_ratio: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token int4 quantization of ``x [M, K]`` (bf16/fp16/fp32), optionally after ``x @ H_K``.
 
@@ -482,6 +484,7 @@ def quantize_int4(
     (this kernel; falls back to ``"torch"`` for K whose 2^k part is < 16), ``"torch"`` (``lsr.hadamard`` in
     float32, then the plain kernel), ``"fht"`` (``fast_hadamard_transform`` in float32, then the plain kernel).
     ``block_m`` (tokens per program, a power of two) and ``num_warps`` override the heuristics (benchmark sweeps).
+    ``clip_ratio`` in (0, 1]: ``scale = max|y| · clip_ratio / 7`` (codes clamped to [-8, 7]), the fake quantizer's.
     """
     if x.dim() != 2:
         raise ValueError(f"quantize_int4 expects [M, K], got {tuple(x.shape)}")
@@ -489,6 +492,9 @@ def quantize_int4(
         raise ValueError(f"out must be one of {OUT_KINDS}, got {out!r}")
     if precision not in _NSPLIT:
         raise ValueError(f"precision must be one of {tuple(_NSPLIT)}, got {precision!r}")
+    if not 0.0 < clip_ratio <= 1.0:
+        raise ValueError(f"clip_ratio must be in (0, 1], got {clip_ratio}")
+    clip = float(clip_ratio)
     M, K = x.shape
     if K % 2:
         raise ValueError(f"K must be even for int4 packing, got {K}")
@@ -514,7 +520,7 @@ def quantize_int4(
     if plan is None:
         bm, kp, warps = quant_launch(K, M, block_m, num_warps)
         _quant_kernel[(triton.cdiv(M, bm),)](
-            x, q, scale, M, K, x.stride(0), q.stride(0), BLOCK_M=bm, KP=kp, OUT=out, num_warps=warps
+            x, q, scale, M, K, x.stride(0), q.stride(0), clip, BLOCK_M=bm, KP=kp, OUT=out, num_warps=warps
         )  # fmt: skip
         return q, scale
     ns = _NSPLIT[precision]
@@ -524,11 +530,11 @@ def quantize_int4(
                   **launch.constexprs)  # fmt: skip
     if launch.kernel == "_hadamard_quant_chunked_kernel":
         _hadamard_quant_chunked_kernel[(M,)](
-            x, q, scale, plan.hm, plan.h1, plan.h2, M, x.stride(0), q.stride(0), plan.norm, plan.n0,
+            x, q, scale, plan.hm, plan.h1, plan.h2, M, x.stride(0), q.stride(0), plan.norm, clip, plan.n0,
             num_stages=launch.num_stages, maxnreg=launch.maxnreg, **common,
         )  # fmt: skip
     else:
         _hadamard_quant_kernel[(triton.cdiv(M, launch.block_m),)](
-            x, q, scale, plan.hm, plan.h1, plan.h2, M, x.stride(0), q.stride(0), plan.norm, **common
+            x, q, scale, plan.hm, plan.h1, plan.h2, M, x.stride(0), q.stride(0), plan.norm, clip, **common
         )  # fmt: skip
     return q, scale

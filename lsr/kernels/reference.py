@@ -60,19 +60,24 @@ def _as_int8(q: torch.Tensor) -> torch.Tensor:
     raise TypeError(f"expected int8 values or a uint8 packed container, got {q.dtype}")
 
 
-def quantize_per_token_int4(x: torch.Tensor, hadamard: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_per_token_int4(
+    x: torch.Tensor, hadamard: bool = False, clip_ratio: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-token int4 quantization of ``x [..., K]``, optionally after ``x @ H_K``.
 
     The Hadamard (``lsr.hadamard.hadamard_transform``) and everything after it runs in float32 whatever the
-    input dtype. ``scale = max|x_t| / 7`` (1 for an all-zero token), ``q = clamp(round_half_even(x / scale),
-    -8, 7)``. Returns ``(q int8 [..., K], scale float32 [...])``.
+    input dtype. ``scale = (max|x_t| · clip_ratio) / 7`` in float32, as ``lsr.quant.rtn.quantize`` computes it (1
+    where that is 0), ``q = clamp(round_half_even(x / scale), -8, 7)``; ``clip_ratio`` in (0, 1]. Returns
+    ``(q int8 [..., K], scale float32 [...])``.
     """
+    if not 0.0 < clip_ratio <= 1.0:
+        raise ValueError(f"clip_ratio must be in (0, 1], got {clip_ratio}")
     xf = x.float()
     if hadamard:
         from lsr.hadamard import hadamard_transform
 
         xf = hadamard_transform(xf)
-    scale = xf.abs().amax(dim=-1) / INT4_MAX
+    scale = xf.abs().amax(dim=-1) * clip_ratio / INT4_MAX
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     q = torch.round(xf / scale.unsqueeze(-1)).clamp_(INT4_MIN, INT4_MAX).to(torch.int8)
     return q, scale
