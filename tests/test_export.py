@@ -160,8 +160,14 @@ def test_export_with_activation_clip_matches_fake_quant(tmp_path):
     fresh = QuantizedLinear(linears[0].in_features, linears[0].out_features, bias=linears[0].bias is not None)
     fresh.load_state_dict(linears[0].state_dict())
     assert fresh.act_clip == 0.9
-    # an export written before the clip was recorded reads as clip 1
+    # an export written before the clip was recorded (format 1) reads as clip 1; an unknown format is refused
     config = json.loads((path / "config.json").read_text())
+    assert config["lsr"]["format_version"] == 2
+    config["lsr"]["format_version"] = 3
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="format_version 3"):
+        load_quantized(path, backend="reference", verify_checksums=False)
+    config["lsr"]["format_version"] = 1
     del config["lsr"]["activation_quantization"]["clip_ratio"]
     (path / "config.json").write_text(json.dumps(config))
     old = load_quantized(path, backend="reference")

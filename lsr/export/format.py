@@ -22,7 +22,8 @@ from lsr.hadamard import decompose
 from lsr.models.adapter import LINEAR_NAMES, LLAMA
 from lsr.quant.rtn import QuantSpec
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: activation_quantization.clip_ratio (1 reads as clip 1.0)
+READABLE_VERSIONS = (1, 2)
 WEIGHTS_FILE = "model.safetensors"
 PACK_FORMAT = "pack-quantized"
 W4A4_GROUP, W8_GROUP = "group_0", "group_1"

@@ -39,9 +39,9 @@ def read_config(path: Path) -> tuple[dict, QuantizationConfig, dict]:
     section = data.pop("lsr", None)
     if not isinstance(qc, dict) or qc.get("quant_method") != "compressed-tensors":
         raise ValueError(f"{config_path}: no compressed-tensors quantization_config (not an lsr INT4 export)")
-    if not isinstance(section, dict) or section.get("format_version") != fmt.FORMAT_VERSION:
+    if not isinstance(section, dict) or section.get("format_version") not in fmt.READABLE_VERSIONS:
         found = section.get("format_version") if isinstance(section, dict) else None
-        raise ValueError(f"{config_path}: lsr section format_version {found!r}, this lsr reads {fmt.FORMAT_VERSION}")
+        raise ValueError(f"{config_path}: lsr section format_version {found!r}, this lsr reads {fmt.READABLE_VERSIONS}")
     try:
         qconfig = QuantizationConfig.model_validate({k: v for k, v in qc.items() if k not in CT_EXTRA_KEYS})
         if qc.get("transform_config"):
