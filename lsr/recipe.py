@@ -208,11 +208,6 @@ class Recipe:
     def seed(self) -> int:
         return self.rotate.seed if self.rotate is not None else 0
 
-    def steps(self) -> list[tuple[str, Any]]:
-        """The steps that run, in order."""
-        names = ("rotate", "smooth", "learn", "weights")
-        return [(n, getattr(self, n)) for n in names if getattr(self, n) is not None]
-
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> Recipe:
         """A preset by name, with overrides (nested steps as dicts merge into the preset's)."""
