@@ -79,7 +79,9 @@ def run(cfg: dict, *, model: ModelConfig, recipe: Recipe, data: DataConfig, expo
 
     import torch
 
-    size = sum(f.stat().st_size for f in export_dir.rglob("*") if f.is_file()) / 2**20
+    from lsr.export.sizes import directory_bytes
+
+    size = directory_bytes(export_dir) / 2**20
     lines = [
         f"model: {model.name}   recipe: {recipe.name}   data: {data.describe()}   threads: {torch.get_num_threads()}",
         "",

@@ -22,7 +22,7 @@ from lsr.pipeline.smooth import FoldScales, SmoothInit
 from lsr.pipeline.weights import QuantizeWeights, rtn_weight, set_quantized
 from lsr.quant.weights import QuantizedWeight
 from lsr.recipe import Recipe
-from lsr.transforms.linear import qlinears, set_quantizers
+from lsr.transforms.linear import set_quantizers
 from lsr.transforms.prepare import to_qlinears
 from lsr.transforms.rotate import rotate_model
 from lsr.transforms.smooth import BlockGeometry, fold_scales
@@ -64,6 +64,23 @@ def recipe_hooks(recipe: Recipe, learner: BlockHook | None = None) -> list[Block
     return hooks
 
 
+@torch.no_grad()
+def restore_block(layer: nn.Module, geometry: Callable[[], BlockGeometry], linears: tuple[str, ...],
+                  checkpoint: Checkpoint, index: int) -> dict[str, QuantizedWeight]:
+    """Fold block `index`'s saved scales into `layer` and give its linears the saved codes (GPTQ) or the RTN codes
+    the recipe implies; returns the codes. `geometry` is only built when the block has scales."""
+    scales = {p: t.exp() for p, t in checkpoint.block_log_scales(index).items()}
+    if scales:
+        fold_scales(layer, scales, geometry())
+    codes = checkpoint.block_weights(index)
+    if codes is None:
+        spec = checkpoint.recipe.weights.effective_spec
+        codes = {name: rtn_weight(layer.get_submodule(name), spec) for name in linears}
+    for name, weight in codes.items():
+        set_quantized(layer.get_submodule(name), weight)
+    return codes
+
+
 class ReplayBlock:
     """Resume: apply a finished block's saved scales and weights exactly as the first run left them."""
 
@@ -72,14 +89,8 @@ class ReplayBlock:
 
     def on_block(self, block: Block) -> None:
         block.log_scales = self.checkpoint.block_log_scales(block.index)
-        FoldScales().on_block(block)
-        saved = self.checkpoint.block_weights(block.index)
-        if saved is None:
-            QuantizeWeights(self.checkpoint.recipe.weights).on_block(block)
-        else:
-            for name, weight in saved.items():
-                set_quantized(block.layer.get_submodule(name), weight)
-            block.weights = saved
+        block.weights = restore_block(block.layer, lambda: block.geometry, block.mapping.linears, self.checkpoint,
+                                      block.index)
         record = self.checkpoint.state["records"][block.index]
         block.record = BlockRecord(**{**record, "init": "replayed"})
 
@@ -107,12 +118,11 @@ def apply_recipe(
     if windows is None:
         if needs_calibration(recipe):
             raise ValueError(f"recipe {recipe.name!r} needs calibration windows (smoothing, learning or GPTQ)")
-        weights = {name: rtn_weight(linear, recipe.weights.effective_spec)
-                   for name, linear in adapter_for(model).decoder_linears(model).items()}
+        weights = {}
         for name, linear in adapter_for(model).decoder_linears(model).items():
+            weights[name] = rtn_weight(linear, recipe.weights.effective_spec)
             set_quantized(linear, weights[name])
-        for linear in qlinears(model):
-            linear.act_quant = recipe.activations
+        set_quantizers(model, recipe.activations, None)
         return QuantizedModel(model, recipe, weights)
     pipeline = BlockPipeline(model, windows, act=recipe.activations, weight=recipe.weights.spec, device=device,
                              batch_size=batch_size, keep_quantized_inputs=recipe.inputs == "quantized", log=log)
@@ -146,17 +156,9 @@ def apply_checkpoint(model: nn.Module, checkpoint: str | Checkpoint) -> Quantize
     heads = adapter.head_dims(model)
     blocks = []
     for index, layer in enumerate(layers):
-        scales = {p: t.exp() for p, t in ckpt.block_log_scales(index).items()}
-        if scales:
-            fold_scales(layer, scales, BlockGeometry.of(layer, adapter.mapping, *heads))
-        saved = ckpt.block_weights(index)
-        if saved is None:
-            spec = ckpt.recipe.weights.effective_spec
-            saved = {name: rtn_weight(linear, spec) for name, linear in adapter.linears(layer).items()}
-        for name, weight in saved.items():
-            set_quantized(layer.get_submodule(name), weight)
-        blocks.append((index, saved))
-        set_quantizers(layer, ckpt.recipe.activations, None)
+        geometry = lambda layer=layer: BlockGeometry.of(layer, adapter.mapping, *heads)  # noqa: E731
+        blocks.append((index, restore_block(layer, geometry, adapter.mapping.linears, ckpt, index)))
+    set_quantizers(model, ckpt.recipe.activations, None)
     records = [BlockRecord(**r) for r in ckpt.state["records"]]
     return QuantizedModel(model, ckpt.recipe, _collect(model, blocks), records,
                           source={"model": ckpt.model, "refined": str(ckpt.directory)})

@@ -22,7 +22,7 @@ from torch.func import functional_call
 from lsr.models.adapter import adapter_for
 from lsr.quant.rtn import QuantSpec, fake_quantize
 from lsr.quant.weights import QuantizedWeight
-from lsr.transforms.linear import QLinear, qlinears, set_quantizers
+from lsr.transforms.linear import QLinear, set_quantizers
 from lsr.transforms.smooth import BlockGeometry, base_parameters, smoothed_parameters
 
 
@@ -265,6 +265,5 @@ class BlockPipeline:
                          f"{r.error_final:.4g} ({r.seconds:.1f}s)")
             if on_block_end is not None:
                 on_block_end(block)
-        for linear in qlinears(self.model):
-            linear.act_quant = self.act
+        set_quantizers(self.model, self.act, None)
         return self.records
