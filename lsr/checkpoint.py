@@ -2,8 +2,10 @@
 
     recipe.json               the resolved recipe (rebuilds the same model with `lsr.pipeline.apply_checkpoint`)
     lsr_state.json            model, run fingerprint, completed blocks, per-block records (written last)
-    scales.safetensors        smoothing log-scales, keys "{block}.{point}"
-    weights/block_{i}.safetensors   GPTQ codes and scales of block i (RTN weights are recomputed from the recipe)
+    scales.safetensors        smoothing log-scales, keys "{block}.{point}"; learned activation clips,
+                              keys "act_clip/{block}.{linear}"
+    weights/block_{i}.safetensors   codes and scales of block i, when the recipe's weights are not plain RTN of the
+                              folded weights (GPTQ, learned weight clips); else recomputed from the recipe
 
 A killed run leaves a consistent checkpoint of its completed blocks and resumes at the next one.
 """
@@ -27,6 +29,7 @@ RECIPE_FILE = "recipe.json"
 STATE_FILE = "lsr_state.json"
 SCALES_FILE = "scales.safetensors"
 WEIGHTS_DIR = "weights"
+ACT_CLIP = "act_clip/"
 
 
 def atomic_write(path: Path, write) -> None:
@@ -71,12 +74,16 @@ class Checkpoint:
         prefix = f"{index}."
         return {k[len(prefix):]: v for k, v in self.log_scales.items() if k.startswith(prefix)}
 
+    def block_act_clips(self, index: int) -> dict[str, torch.Tensor]:
+        prefix = f"{ACT_CLIP}{index}."
+        return {k[len(prefix):]: v for k, v in self.log_scales.items() if k.startswith(prefix)}
+
     def block_weights(self, index: int) -> dict[str, QuantizedWeight] | None:
-        """The stored codes of block `index` (GPTQ), or None when the recipe's weights are RTN."""
+        """The stored codes of block `index`, or None when the recipe's weights are plain RTN (recomputed)."""
         file = self.directory / WEIGHTS_DIR / f"block_{index:04d}.safetensors"
         if not file.is_file():
-            if self.recipe.weights.method == "gptq":
-                raise ValueError(f"{file} is missing: the checkpoint's GPTQ weights of block {index} are lost")
+            if self.recipe.stores_weight_codes:
+                raise ValueError(f"{file} is missing: the checkpoint's weights of block {index} are lost")
             return None
         tensors = load_file(file)
         names = {k.rpartition(".")[0] for k in tensors}
@@ -115,9 +122,10 @@ class CheckpointWriter:
                      lambda p: Path(p).write_text(json.dumps(recipe.to_dict(), indent=2) + "\n"))
 
     def save_block(self, index: int, log_scales: dict[str, torch.Tensor], weights: dict[str, QuantizedWeight],
-                   record: dict) -> None:
-        """Add block `index` (its log-scales, GPTQ codes when the recipe uses GPTQ, and its record)."""
-        if self.recipe.weights.method == "gptq":
+                   record: dict, act_clips: dict[str, torch.Tensor] | None = None) -> None:
+        """Add block `index` (its log-scales, learned activation clips, its codes unless they are plain RTN, and
+        its record)."""
+        if self.recipe.stores_weight_codes:
             tensors = {}
             for name, w in weights.items():
                 tensors[f"{name}.q"], tensors[f"{name}.scale"] = w.q.contiguous(), w.scale.contiguous()
@@ -125,6 +133,8 @@ class CheckpointWriter:
                          lambda p: save_file(tensors, p))
         for point, theta in log_scales.items():
             self.log_scales[f"{index}.{point}"] = theta.detach().float().cpu().contiguous()
+        for linear, clip in (act_clips or {}).items():
+            self.log_scales[f"{ACT_CLIP}{index}.{linear}"] = clip.detach().float().cpu().reshape(())
         self.records.append(record)
         scales = dict(self.log_scales) or {"_": torch.zeros(0)}  # safetensors needs at least one entry
         atomic_write(self.directory / SCALES_FILE, lambda p: save_file(scales, p))

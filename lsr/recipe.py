@@ -70,11 +70,20 @@ class SmoothStep:
 
 @dataclass(frozen=True)
 class LearnStep:
-    """Train the smoothing log-scales block by block so the fake-quantized block reproduces its float outputs.
+    """Train the smoothing log-scales and clip ratios block by block so the quantized block reproduces its float
+    outputs.
 
     Args:
         epochs: passes over the calibration windows per block.
         lr: learning rate of the log-scales.
+        weights: the weight quantizer in the loop: ``rtn`` (the RTN quantizer the export uses, with the learned
+            weight clips) or ``float`` (weights unquantized, activations quantized: learn for a GPTQ weight step).
+        scales: learn the smoothing log-scales (off: they stay at their init; only the clips learn).
+        act_clip: learn one activation clip ratio per quantizer (per group of linears reading the same input),
+            ``sigmoid(logit)``, from the recipe's ``activations.clip_ratio``.
+        weight_clip: learn one clip ratio per weight output channel, ``sigmoid(logit)``, from the MSE-searched clip
+            (``weights: rtn`` only: with float weights there is no weight quantizer to clip).
+        clip_lr: learning rate of the clip logits.
         optimizer: ``adam`` or ``adamw``.
         weight_decay: AdamW weight decay.
         schedule: learning-rate schedule over a block's steps: ``constant`` or ``cosine`` (to zero).
@@ -85,6 +94,11 @@ class LearnStep:
 
     epochs: int = 2
     lr: float = 1e-2
+    weights: Literal["rtn", "float"] = "rtn"
+    scales: bool = True
+    act_clip: bool = True
+    weight_clip: bool = True
+    clip_lr: float = 5e-2
     optimizer: Literal["adam", "adamw"] = "adam"
     weight_decay: float = 0.0
     schedule: Literal["constant", "cosine"] = "constant"
@@ -95,6 +109,10 @@ class LearnStep:
     def __post_init__(self) -> None:
         _check(isinstance(self.epochs, int) and self.epochs >= 1, "learn.epochs", self.epochs, "an int >= 1")
         _check(self.lr > 0, "learn.lr", self.lr, "a positive number")
+        _one_of("learn.weights", self.weights, ("rtn", "float"))
+        _check(self.clip_lr > 0, "learn.clip_lr", self.clip_lr, "a positive number")
+        _check(self.scales or self.act_clip or self.learns_weight_clip, "learn", "nothing to learn",
+               "at least one of scales, act_clip, weight_clip (with weights: rtn)")
         _one_of("learn.optimizer", self.optimizer, ("adam", "adamw"))
         _check(self.weight_decay >= 0, "learn.weight_decay", self.weight_decay, "a number >= 0")
         _one_of("learn.schedule", self.schedule, ("constant", "cosine"))
@@ -102,6 +120,10 @@ class LearnStep:
         _check(self.band > 0, "learn.band", self.band, "a positive number")
         _check(isinstance(self.batch_size, int) and self.batch_size >= 1, "learn.batch_size", self.batch_size,
                "an int >= 1")
+
+    @property
+    def learns_weight_clip(self) -> bool:
+        return self.weight_clip and self.weights == "rtn"
 
 
 @dataclass(frozen=True)
@@ -167,7 +189,7 @@ class WeightStep:
 
 
 def _default_act_spec() -> QuantSpec:
-    return QuantSpec(bits=4, granularity="token")
+    return QuantSpec(bits=4, granularity="token", clip_ratio=0.9)  # QuaRot's activation clip
 
 
 @dataclass(frozen=True)
@@ -180,7 +202,8 @@ class Recipe:
         smooth: smoothing scales before the rotations (SmoothRot; needs ``rotate``).
         learn: blockwise learning of the smoothing log-scales (needs ``smooth``).
         weights: weight quantization.
-        activations: the activation quantizer on every decoder linear's input (per token).
+        activations: the activation quantizer on every decoder linear's input (per token; clip 0.9 of the token's
+            absmax by default, as QuaRot runs it; learned per quantizer from there with ``learn.act_clip``).
         inputs: block inputs for learning and GPTQ: from the ``quantized`` prefix of the model, or the ``fp`` chain.
     """
 
@@ -203,6 +226,12 @@ class Recipe:
             raise ValueError("smooth needs rotate: the smoothing points act before the rotations")
         if self.learn is not None and (self.smooth is None or not self.smooth.points):
             raise ValueError("learn trains the smoothing scales: it needs a smooth step with at least one point")
+
+    @property
+    def stores_weight_codes(self) -> bool:
+        """Whether the weights are more than RTN of the folded weights (GPTQ, learned weight clips): then a refined
+        checkpoint stores their codes."""
+        return self.weights.method != "rtn" or (self.learn is not None and self.learn.learns_weight_clip)
 
     @property
     def seed(self) -> int:

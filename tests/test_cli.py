@@ -184,7 +184,7 @@ def test_fit_resumes_after_a_crash_with_identical_scales(tiny_dir, tmp_path, mon
     main(_fit_argv(tiny_dir, tmp_path / "crashed"))
     assert "resuming" in capsys.readouterr().out
     a, b = load_file(tmp_path / "full" / "scales.safetensors"), load_file(tmp_path / "crashed" / "scales.safetensors")
-    assert a.keys() == b.keys() and len(a) == 2 * 4
+    assert a.keys() == b.keys() and len(a) == 2 * (4 + 7)  # per block: 4 log-scales, 7 linears' act clips
     for key in a:
         assert torch.equal(a[key], b[key]), key
     full, crashed = (load_checkpoint(tmp_path / d) for d in ("full", "crashed"))
@@ -246,7 +246,11 @@ def test_refined_checkpoint_rebuilds_the_fake_quant_model(tiny_dir, tmp_path):
     for name, weight in result.weights.items():
         assert torch.equal(rebuilt.weights[name].q, weight.q) and torch.equal(rebuilt.weights[name].scale,
                                                                              weight.scale), name
-    assert not (tmp_path / "run" / "weights").exists()  # RTN weights are recomputed from the recipe
+    assert (tmp_path / "run" / "weights").exists()  # learned weight clips: the codes are stored
+    rtn = _fit(tiny_dir, tmp_path / "rtn", Recipe.from_name("lsr", learn={"epochs": 1, "weight_clip": False}))
+    assert not (tmp_path / "rtn" / "weights").exists()  # plain RTN weights are recomputed from the recipe
+    assert torch.equal(apply_checkpoint(load_model(str(tiny_dir[0]), with_tokenizer=False)[0],
+                                        tmp_path / "rtn").model(IDS).logits, rtn.model(IDS).logits)
     again = _fit(tiny_dir, tmp_path / "run", Recipe.from_name("lsr", learn={"epochs": 2}))  # finished: reused
     assert torch.equal(again.model(IDS).logits, expected)
 
@@ -264,7 +268,7 @@ def test_gptq_checkpoint_stores_weights_and_reloads(tiny_dir, tmp_path):
     rebuilt = apply_checkpoint(model, tmp_path / "run")
     assert torch.equal(rebuilt.model(IDS).logits, result.model(IDS).logits)
     (tmp_path / "run" / "weights" / "block_0001.safetensors").unlink()
-    with pytest.raises(ValueError, match="GPTQ weights of block 1 are lost"):
+    with pytest.raises(ValueError, match="weights of block 1 are lost"):
         apply_checkpoint(load_model(str(tiny_dir[0]), with_tokenizer=False)[0], tmp_path / "run")
 
 

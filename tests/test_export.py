@@ -140,32 +140,34 @@ def test_export_load_logits_match_fake_quant(exported):
 def test_export_with_activation_clip_matches_fake_quant(tmp_path):
     """A fixed activation clip travels through the export: the loaded INT4 model computes the fake-quant model's
     logits, and differs from the clip-1 export of the same model."""
-    clipped = Recipe.from_name("quarot", activations={"bits": 4, "granularity": "token", "clip_ratio": 0.9})
+    clipped = Recipe.from_name("quarot", activations={"bits": 4, "granularity": "token", "clip_ratio": 0.85})
     check_exportable(clipped)
     path, twin = _export_with_twin(tmp_path / "clip", "llama", clipped)
     section = json.loads((path / "config.json").read_text())["lsr"]
-    assert section["activation_quantization"]["clip_ratio"] == 0.9
+    assert section["activation_quantization"]["clip_ratio"] == 0.85
     assert Recipe.from_dict(section["recipe"]) == clipped
     model = load_quantized(path, backend="reference")
     linears = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
-    assert linears and all(m.act_clip == 0.9 for m in linears)
+    assert linears and all(m.act_clip == 0.85 for m in linears)
     ref, out = twin(IDS).logits, model(IDS).logits
     assert (out - ref).abs().max().item() < 1e-5, (out - ref).abs().max().item()
     assert torch.equal(out.argmax(-1), ref.argmax(-1))
-    plain_path, plain_twin = _export_with_twin(tmp_path / "plain", "llama", "quarot")
+    plain_path, plain_twin = _export_with_twin(tmp_path / "plain", "llama",
+                                               Recipe.from_name("quarot", activations={"clip_ratio": 1.0}))
     plain = load_quantized(plain_path, backend="reference")(IDS).logits
     assert (plain - out).abs().max().item() > 1e-3
     assert (plain - plain_twin(IDS).logits).abs().max().item() < 1e-5
     # the clip is a QuantizedLinear attribute that state_dict carries
     fresh = QuantizedLinear(linears[0].in_features, linears[0].out_features, bias=linears[0].bias is not None)
     fresh.load_state_dict(linears[0].state_dict())
-    assert fresh.act_clip == 0.9
+    assert fresh.act_clip == 0.85
     # an export written before the clip was recorded (format 1) reads as clip 1; an unknown format is refused
     config = json.loads((path / "config.json").read_text())
-    assert config["lsr"]["format_version"] == 2
-    config["lsr"]["format_version"] = 3
+    assert config["lsr"]["format_version"] == 3
+    assert config["lsr"]["activation_quantization"]["clip_ratios"] == {}  # nothing learned
+    config["lsr"]["format_version"] = 4
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="format_version 3"):
+    with pytest.raises(ValueError, match="format_version 4"):
         load_quantized(path, backend="reference", verify_checksums=False)
     config["lsr"]["format_version"] = 1
     del config["lsr"]["activation_quantization"]["clip_ratio"]
@@ -191,6 +193,39 @@ def test_export_variants_match_fake_quant(tmp_path, kind, recipe, overrides):
     assert (model(IDS).logits - twin(IDS).logits).abs().max().item() < 1e-5
 
 
+@torch.no_grad()
+def test_learned_clips_travel_through_checkpoint_and_export(tmp_path):
+    """Learned activation clips (per quantizer) and weight clips (per output channel): the refined checkpoint rebuilds
+    the learned fake-quant model exactly, and its INT4 export computes the same logits with the learned clips."""
+    from lsr.learn import LearnScales
+
+    model_dir, _ = save_tiny(tmp_path)
+    recipe = Recipe.from_name("lsr", learn={"epochs": 3})
+    writer = CheckpointWriter(tmp_path / "run", recipe, model=str(model_dir), fingerprint="test",
+                              num_blocks=TINY["num_hidden_layers"])
+    with torch.enable_grad():
+        learned = apply_recipe(tiny_model("llama"), recipe, CALIB, batch_size=4, writer=writer, log=None,
+                               learner=LearnScales(recipe.learn, trainer={"accelerator": "cpu"}))
+    clips = {n: float(m.act_clip) for n, m in learned.model.named_modules() if isinstance(m, QLinear)}
+    assert len(clips) == 7 * TINY["num_hidden_layers"]
+    assert all(0 < c < 1 for c in clips.values()) and any(abs(c - 0.9) > 1e-3 for c in clips.values())
+    for i in range(TINY["num_hidden_layers"]):  # one clip per quantizer: q, k and v read one input
+        qkv = {clips[f"model.layers.{i}.self_attn.{p}_proj"] for p in "qkv"}
+        assert len(qkv) == 1
+    path, twin = _export_with_twin(tmp_path / "int4", tmp_path / "run")
+    ours = round_like_export(learned.model, ExportConfig())(IDS).logits
+    assert (twin(IDS).logits - ours).abs().max().item() < 1e-5  # the checkpoint rebuilds the learned model
+    section = json.loads((path / "config.json").read_text())["lsr"]
+    assert section["activation_quantization"]["clip_ratios"] == clips
+    int4 = load_quantized(path, backend="reference")
+    assert {n: m.act_clip for n, m in int4.named_modules() if isinstance(m, QuantizedLinear)} == clips
+    assert (int4(IDS).logits - twin(IDS).logits).abs().max().item() < 1e-5
+    # the learned weight clips are in the codes: plain RTN of the same weights (searched clip) differs
+    name = "model.layers.0.mlp.down_proj"
+    plain, scale, _ = quantize(learned.weights[name].dequantize().reshape(48, -1), recipe.weights.spec)
+    assert not torch.equal(scale.flatten(), learned.weights[name].scale.flatten())
+
+
 def test_gptq_differs_from_rtn_and_sees_quantized_inputs(tmp_path, monkeypatch):
     from lsr.quant import gptq
 
@@ -199,7 +234,8 @@ def test_gptq_differs_from_rtn_and_sees_quantized_inputs(tmp_path, monkeypatch):
     monkeypatch.setattr(gptq.HessianAccumulator, "add", lambda self, x: (seen.append(x), original(self, x))[1])
     rtn, _ = prepare_export(tiny_model("llama"), "quarot", calibration=CALIB)
     assert not seen  # RTN calibrates nothing
-    gp, _ = prepare_export(tiny_model("llama"), "quarot-gptq", calibration=CALIB)
+    unclipped = Recipe.from_name("quarot-gptq", activations={"clip_ratio": 1.0})  # max|x| is then 7·scale
+    gp, _ = prepare_export(tiny_model("llama"), unclipped, calibration=CALIB)
     name = "model.layers.1.mlp.down_proj"
     assert not torch.equal(rtn.weights[name].q, gp.weights[name].q)
     assert seen
@@ -226,7 +262,7 @@ def test_gptq_groups_are_fake_quant_only(tmp_path):
 
 
 @pytest.mark.parametrize("recipe, match", [
-    (Recipe.from_name("quarot", activations={"clip_search": True}), "needs a fixed clip ratio"),
+    (Recipe.from_name("quarot", activations={"clip_search": True, "clip_ratio": 1.0}), "needs a fixed clip ratio"),
     (Recipe.from_name("quarot", activations={"symmetric": False}), "needs symmetric int4 per token"),
     (Recipe.from_name("quarot", activations={"bits": 8}), "quantizes activations"),
     (Recipe.from_name("quarot", activations={"granularity": "tensor"}), "quantizes activations"),

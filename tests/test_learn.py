@@ -17,6 +17,7 @@ from lsr.pipeline import Block, BlockPipeline, apply_recipe, prepare_model
 from lsr.pipeline.apply import recipe_hooks
 from lsr.pipeline.smooth import SmoothInit
 from lsr.quant import QuantSpec
+from lsr.quant.rtn import best_clip
 from lsr.recipe import PRESETS, LearnStep, Recipe, RotateStep, SmoothStep, WeightStep
 from lsr.transforms.linear import set_quantizers
 from lsr.transforms.smooth import BlockGeometry, fold_scales
@@ -117,6 +118,40 @@ def test_log_scale_gradients_flow_through_fake_quant():
         assert theta.grad.abs().sum() > 0, point
 
 
+def test_clip_gradients_flow_and_one_clip_per_quantizer():
+    recipe = PRESETS["lsr"]
+    init = SmoothInit(recipe.smooth, seed=recipe.seed)
+    block = _block(recipe, init=init)
+    init.on_block(block)
+    module = BlockModule(block, recipe.learn, act_clip=0.9)
+    assert len(module.act_logits) == len(block.mapping.gptq_groups) == 4
+    assert len(module.weight_logits) == 7
+    act, weight = module.clips()
+    assert all(abs(float(c) - 0.9) < 1e-6 for c in act.values())
+    # the weight clips start at the MSE-searched clip of each row (at most 0.995)
+    down = block.params(block.log_scales)["mlp.down_proj.weight"]
+    searched = QuantSpec(bits=4, granularity="channel", clip_search=True)
+    expected = torch.clamp(best_clip(down, searched), max=0.995)
+    torch.testing.assert_close(weight["mlp.down_proj"], expected, atol=1e-5, rtol=0)
+    idx = torch.arange(4)
+    loss, _ = module._loss(block.inputs[idx], block.targets[idx])
+    loss.backward()
+    for name, p in [*module.act_logits.items(), *module.weight_logits.items()]:
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_float_weight_learning_then_gptq():
+    """``learn.weights: float``: activation clips and scales learn with unquantized weights (no weight clips), then
+    GPTQ quantizes; the learned activation clips are what GPTQ's Hessians and the final model see."""
+    recipe = Recipe.from_name("lsr-gptq", learn={"weights": "float", "epochs": 2})
+    assert not recipe.learn.learns_weight_clip
+    result = quantize_(tiny_model("llama"), recipe, _windows(), batch_size=4, trainer=CPU, log=None)
+    clips = [float(m.act_clip) for m in result.model.modules() if getattr(m, "act_clip", None) is not None]
+    assert len(clips) == 7 * TINY["num_hidden_layers"] and any(abs(c - 0.9) > 1e-4 for c in clips)
+    for r in result.records:
+        assert math.isfinite(r.error_learned) and math.isfinite(r.error_final)
+
+
 # ----------------------------------------------------------------------------------------------- learning
 def test_learning_lowers_the_block_error():
     recipe = Recipe.from_name("lsr", learn={"epochs": 20, "lr": 1e-2, "batch_size": 1})
@@ -207,7 +242,8 @@ def test_nonfinite_loss_restores_the_last_good_scales(monkeypatch):
     class Watch(L.Callback):
         def on_train_epoch_start(self, trainer, module) -> None:
             if module.walk.index == 0:
-                best_before_nan.append({p: t.clone() for p, t in module.best.items()})
+                best_before_nan.append({k.removeprefix("scale/"): t.clone() for k, t in module.best.items()
+                                        if k.startswith("scale/")})
 
     scales = ScalesOf()
     with pytest.warns(UserWarning, match="block 0: non-finite"):

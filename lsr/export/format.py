@@ -22,8 +22,10 @@ from lsr.hadamard import decompose
 from lsr.models.adapter import LINEAR_NAMES, LLAMA
 from lsr.quant.rtn import QuantSpec
 
-FORMAT_VERSION = 2  # 2: activation_quantization.clip_ratio (1 reads as clip 1.0)
-READABLE_VERSIONS = (1, 2)
+# 2: activation_quantization.clip_ratio (1 reads as clip 1.0); 3: activation_quantization.clip_ratios, learned
+# clips per linear (module name -> clip) overriding clip_ratio
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 WEIGHTS_FILE = "model.safetensors"
 PACK_FORMAT = "pack-quantized"
 W4A4_GROUP, W8_GROUP = "group_0", "group_1"
@@ -37,7 +39,8 @@ HADAMARD_CONSTRUCTION = (
 )
 ACT_QUANT = {
     "bits": 4, "symmetric": True, "granularity": "token", "dynamic": True, "after": "online transforms",
-    "scale": "(max|x_t| · clip_ratio) / 7 in float32 (1 where that is 0); clip_ratio is in this section (absent: 1); "
+    "scale": "(max|x_t| · clip_ratio) / 7 in float32 (1 where that is 0); clip_ratio is in this section (absent: 1), "
+             "a linear named in clip_ratios uses its own (learned) clip; "
              "compressed-tensors' schema has no field for it, so a consumer of quantization_config alone (vLLM) "
              "would quantize with the plain max|x_t| / 7",
     "rounding": "half to even", "range": [-8, 7], "clamp": "codes clamped to [-8, 7] (|x| > scale·7.5 with a clip)",

@@ -127,12 +127,23 @@ def _online(section: dict, module_name: str, in_features: int) -> bool:
     return False
 
 
-def _act_clip(section: dict) -> float:
-    """The activation clip ratio of the ``lsr`` section (absent, as in exports before it was recorded: 1)."""
-    clip = (section.get("activation_quantization") or {}).get("clip_ratio", 1.0)
+def _clip_value(clip: object, where: str) -> float:
     if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0.0 < clip <= 1.0:
-        raise ValueError(f"config.json: lsr.activation_quantization.clip_ratio is {clip!r}, not a number in (0, 1]")
+        raise ValueError(f"config.json: lsr.activation_quantization.{where} is {clip!r}, not a number in (0, 1]")
     return float(clip)
+
+
+def _act_clips(section: dict, linears: set[str]) -> dict[str, float]:
+    """Each decoder linear's activation clip ratio: its learned one (``clip_ratios``), else the section's
+    ``clip_ratio`` (absent, as in exports before it was recorded: 1)."""
+    act = section.get("activation_quantization") or {}
+    default = _clip_value(act.get("clip_ratio", 1.0), "clip_ratio")
+    learned = act.get("clip_ratios") or {}
+    unknown = sorted(set(learned) - linears)
+    if unknown:
+        raise ValueError(f"config.json: lsr.activation_quantization.clip_ratios names {unknown[0]!r}, not a decoder "
+                         "linear of this model")
+    return {name: _clip_value(learned.get(name, default), f"clip_ratios[{name!r}]") for name in linears}
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -147,7 +158,8 @@ def load_quantized(
     """Load an `lsr export` directory as a causal LM whose decoder linears run W4A4 with integer products.
 
     `backend` (``auto`` | ``reference`` | ``triton`` | ``fp8``) goes to every `QuantizedLinear` (switch later with
-    `lsr.export.quantized_linear.set_backend`), and so does the section's activation clip ratio (absent: 1);
+    `lsr.export.quantized_linear.set_backend`), and so does each linear's activation clip ratio (learned, or the
+    section's; absent: 1);
     `dtype` is the compute dtype of the non-quantized parts (embeddings, norms, attention). Raises ValueError with the
     offending file or tensor when the directory is truncated, corrupt, or inconsistent with its config.json.
     """
@@ -155,13 +167,13 @@ def load_quantized(
         raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
     path = Path(path).expanduser()
     data, qconfig, section = read_config(path)
-    act_clip = _act_clip(section)
     tensors = read_tensors(path, section, verify_checksums=verify_checksums)
     model = build_skeleton(data, dtype)
     roles = fmt.module_roles(model, qconfig)
     adapter = adapter_for(model)
     names = {id(m): n for n, m in model.named_modules()}
     decoder = set(adapter.decoder_linears(model))
+    act_clips = _act_clips(section, decoder)
     w4a4 = {n for n, r in roles.items() if r == "w4a4"}
     if w4a4 != decoder:
         odd = sorted(w4a4 ^ decoder)
@@ -178,7 +190,7 @@ def load_quantized(
         bias = tensors.pop(f"{name}.bias", None)
         if role == "w4a4":
             new = QuantizedLinear.from_int(q, scale, bias, online_hadamard=_online(section, name, shape[1]),
-                                           backend=backend, act_clip=act_clip)
+                                           backend=backend, act_clip=act_clips[name])
         elif isinstance(module, nn.Embedding):
             new = Int8Embedding(q, scale, dtype)
         else:

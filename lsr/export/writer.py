@@ -19,6 +19,7 @@ import compressed_tensors
 import torch
 from compressed_tensors.quantization import QuantizationConfig
 from safetensors.torch import save_file
+from torch import nn
 
 from lsr.export import format as fmt
 from lsr.export.config import ExportConfig
@@ -156,11 +157,25 @@ def lsr_section(prepared: QuantizedModel, config: ExportConfig) -> dict:
                     "scale_dtype": "float32", "targets": list(fmt.W4A4_TARGETS)},
         "activation_quantization": {"targets": list(fmt.W4A4_TARGETS), **fmt.ACT_QUANT,
                                     "clip_ratio": fmt.activation_clip(prepared.recipe.activations,
-                                                                      prepared.recipe.name)},
+                                                                      prepared.recipe.name),
+                                    "clip_ratios": learned_act_clips(model)},
         "online_transforms": transforms,
         "unquantized": {names[id(adapter.embeddings(model))]: embed_mode, names[id(adapter.lm_head(model))]: head_mode,
                         "norms and biases": "float32"},
     }
+
+
+def learned_act_clips(model: nn.Module) -> dict[str, float]:
+    """``{decoder linear: clip}`` for every linear with a learned activation clip (refused outside (0, 1])."""
+    out = {}
+    for name, linear in adapter_for(model).decoder_linears(model).items():
+        clip = getattr(linear, "act_clip", None)
+        if clip is not None:
+            value = float(clip)
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"{name}: learned activation clip {value} is outside (0, 1]")
+            out[name] = value
+    return out
 
 
 def _model_config(prepared: QuantizedModel, config: ExportConfig) -> dict:

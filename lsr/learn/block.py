@@ -1,10 +1,12 @@
 """Blockwise learning with Lightning: one `BlockModule` per decoder block, fitted by its own `Trainer`.
 
-The module wraps the block (frozen) and its learnable smoothing log-scales; a batch is ``(X, Y)`` (the block's
+The module wraps the block (frozen) and what it learns: smoothing log-scales, one activation clip per quantizer and
+one weight clip per output channel (``sigmoid(logit)``, their own learning rate). A batch is ``(X, Y)`` (the block's
 inputs from the quantized prefix or the FP chain, and its FP outputs). The loss is the MSE (or relative error) of the
-fake-quantized block against ``Y``; gradients reach the log-scales through the straight-through quantizers. The
-optimizer, LR schedule, gradient clipping, precision, callbacks, loggers and progress bar are Lightning's own. After
-every epoch the whole calibration set is scored and the best log-scales so far are kept.
+quantized block against ``Y`` — with the export's RTN weight quantizer in the loop, or float weights when a GPTQ step
+follows (``learn.weights``); gradients reach the parameters through the straight-through quantizers. The optimizer,
+LR schedule, gradient clipping, precision, callbacks, loggers and progress bar are Lightning's own. After every epoch
+the whole calibration set is scored and the best state so far is kept.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from lsr.pipeline.runner import Block
+from lsr.quant.rtn import best_clip
 from lsr.recipe import LearnStep
 
 
@@ -43,28 +46,88 @@ class EpochSampler(Sampler[int]):
         return self.n
 
 
-class BlockModule(L.LightningModule):
-    """One decoder block and its learnable smoothing log-scales."""
+def _logit(p: torch.Tensor) -> torch.Tensor:
+    p = p.clamp(1e-4, CLIP_INIT_MAX)
+    return torch.log(p) - torch.log1p(-p)
 
-    def __init__(self, block: Block, step: LearnStep, *, step_offset: int = 0) -> None:
+
+CLIP_INIT_MAX = 0.995  # sigmoid(logit) never reaches 1: a clip of 1 starts just below it
+
+
+class BlockModule(L.LightningModule):
+    """One decoder block and what it learns: smoothing log-scales, activation clips per quantizer (one per group of
+    linears reading the same input) and weight clips per output channel, both as ``sigmoid(logit)``."""
+
+    def __init__(self, block: Block, step: LearnStep, *, act_clip: float = 1.0, step_offset: int = 0) -> None:
         super().__init__()
         self.block = block.layer.requires_grad_(False)
         self.__dict__["walk"] = block  # the pipeline's view of this block (targets, inputs, quantizers): not a module
         self.step_cfg = step
         self.step_offset = step_offset
+        self.float_weights = step.weights == "float"
         # An OrderedDict keeps the points' order (a plain dict would be sorted by ParameterDict).
         self.log_scales = nn.ParameterDict(OrderedDict(
-            (p, nn.Parameter(t.detach().clone())) for p, t in block.log_scales.items()))
+            (p, nn.Parameter(t.detach().clone(), requires_grad=step.scales)) for p, t in block.log_scales.items()))
         self.register_buffer("theta0", torch.cat([t.detach().flatten() for t in self.log_scales.values()]))
+        self.groups = block.mapping.gptq_groups  # linears that read one input share one activation quantizer
+        self.act_logits = nn.ParameterDict()
+        if step.act_clip:
+            for i, _ in enumerate(self.groups):
+                self.act_logits[str(i)] = nn.Parameter(_logit(torch.tensor(float(act_clip))))
+        self.weight_logits = nn.ParameterDict()
+        if step.learns_weight_clip:
+            params = block.params(block.log_scales) or dict(block.layer.named_parameters())
+            for name in block.mapping.linears:
+                start = best_clip(params[f"{name}.weight"].detach().float(), block.weight_spec)
+                self.weight_logits[name.replace(".", "/")] = nn.Parameter(_logit(start).to(block.device))
+        self.best = self.current()
         init = block.record.error_init * block.target_power
-        self.best_mse = init if math.isfinite(init) else block.mse(block.params())
-        self.best = {p: t.detach().clone() for p, t in block.log_scales.items()}
+        self.best_mse = init if math.isfinite(init) and not self.float_weights and not self.act_logits \
+            and not self.weight_logits else self.score()
         self.stopped_on_nonfinite = False
 
+    # ------------------------------------------------------------------ the learned quantities
+    def clips(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(activation clip per linear, weight clip ``[out, 1]`` per linear), differentiable."""
+        act = {name: torch.sigmoid(self.act_logits[str(i)])
+               for i, names in enumerate(self.groups) for name in names if str(i) in self.act_logits}
+        weight = {key.replace("/", "."): torch.sigmoid(t) for key, t in self.weight_logits.items()}
+        return act, weight
+
+    def current(self) -> dict[str, torch.Tensor]:
+        """A detached copy of everything learned (``scale/…``, ``act/…``, ``weight/…``)."""
+        out = {f"scale/{p}": t.detach().clone() for p, t in self.log_scales.items()}
+        out |= {f"act/{k}": t.detach().clone() for k, t in self.act_logits.items()}
+        out |= {f"weight/{k}": t.detach().clone() for k, t in self.weight_logits.items()}
+        return out
+
+    @torch.no_grad()
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        for prefix, params in (("scale/", self.log_scales), ("act/", self.act_logits), ("weight/", self.weight_logits)):
+            for k, t in params.items():
+                t.copy_(state[prefix + k])
+
+    @torch.no_grad()
+    def score(self) -> float:
+        """MSE of the quantized block, as learning sees it, over all calibration windows."""
+        act, weight = self.clips()
+        return self.walk.mse(self.walk.params(dict(self.log_scales)), float_weights=self.float_weights,
+                             act_clips=act, weight_clips=weight)
+
+    def learned(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The best (log-scales, activation clips, weight clips), detached, on CPU."""
+        self.load(self.best)
+        act, weight = self.clips()
+        return ({p: t.detach().cpu() for p, t in self.log_scales.items()},
+                {n: t.detach().cpu() for n, t in act.items()}, {n: t.detach().cpu() for n, t in weight.items()})
+
+    # ------------------------------------------------------------------ training
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(training loss, relative error) of the fake-quantized block on one batch."""
+        """(training loss, relative error) of the quantized block on one batch."""
         walk = self.walk
-        out = walk.forward(x, walk.params(dict(self.log_scales)), quantized=True)
+        act, weight = self.clips()
+        out = walk.forward(x, walk.params(dict(self.log_scales)), quantized=True, weights_ready=self.float_weights,
+                           act_clips=act, weight_clips=weight)
         mse = F.mse_loss(out, y)
         relative = mse / y.pow(2).mean().clamp_min(1e-30)
         return (relative if self.step_cfg.loss == "relative" else mse), relative
@@ -88,6 +151,8 @@ class BlockModule(L.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Keep the log-scales within ``θ₀ ± band``."""
         thetas = list(self.log_scales.values())
+        if not thetas:
+            return
         flat = torch.cat([t.flatten() for t in thetas])
         band = self.step_cfg.band
         flat = torch.maximum(torch.minimum(flat, self.theta0 + band), self.theta0 - band)
@@ -96,27 +161,31 @@ class BlockModule(L.LightningModule):
 
     @torch.no_grad()
     def on_train_epoch_end(self) -> None:
-        """Score all calibration windows; remember the best log-scales."""
+        """Score all calibration windows; remember the best learned state."""
         if self.stopped_on_nonfinite:
             return
-        mse = self.walk.mse(self.walk.params(dict(self.log_scales)))
+        mse = self.score()
         if math.isfinite(mse) and mse < self.best_mse:
-            self.best_mse, self.best = mse, {p: t.detach().clone() for p, t in self.log_scales.items()}
+            self.best_mse, self.best = mse, self.current()
 
     @torch.no_grad()
     def restore_best(self, reason: str) -> None:
         warnings.warn(f"block {self.walk.index}: {reason}; restoring its last good scales", stacklevel=2)
         self.stopped_on_nonfinite = True
-        for p, t in self.log_scales.items():
-            t.copy_(self.best[p])
+        self.load(self.best)
 
     def configure_optimizers(self):
         cfg = self.step_cfg
-        params = list(self.log_scales.parameters())
+        groups = []
+        if cfg.scales and len(self.log_scales):
+            groups.append({"params": list(self.log_scales.parameters()), "lr": cfg.lr})
+        clips = [*self.act_logits.parameters(), *self.weight_logits.parameters()]
+        if clips:
+            groups.append({"params": clips, "lr": cfg.clip_lr})
         if cfg.optimizer == "adamw":
-            optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
         else:
-            optimizer = torch.optim.Adam(params, lr=cfg.lr)
+            optimizer = torch.optim.Adam(groups)
         if cfg.schedule == "constant":
             return optimizer
         total = max(1, int(self.trainer.estimated_stepping_batches))
@@ -159,7 +228,7 @@ class LearnScales:
         self.global_step = 0
 
     def on_block(self, block: Block) -> None:
-        module = BlockModule(block, self.step, step_offset=self.global_step)
+        module = BlockModule(block, self.step, act_clip=block.act.clip_ratio, step_offset=self.global_step)
         loader = DataLoader(TensorDataset(block.inputs, block.targets), batch_size=self.step.batch_size,
                             sampler=EpochSampler(block.num_samples, self.seed, block.index))
         kwargs = {"enable_checkpointing": False, "enable_model_summary": False, "num_sanity_val_steps": 0,
@@ -172,6 +241,7 @@ class LearnScales:
             trainer.fit(module, train_dataloaders=loader)
         block.layer.to(block.device)  # the strategy's teardown moves the module to CPU
         self.global_step += trainer.global_step
-        block.log_scales = {p: t.cpu() for p, t in module.best.items()}
+        block.log_scales, act_clips, block.weight_clips = module.learned()
+        block.set_act_clips(act_clips)
         block.record.stopped_on_nonfinite = module.stopped_on_nonfinite
-        block.record.error_learned = block.relative(module.best_mse)
+        block.record.error_learned = block.relative(module.best_mse if not module.float_weights else block.mse())

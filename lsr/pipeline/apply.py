@@ -67,11 +67,14 @@ def recipe_hooks(recipe: Recipe, learner: BlockHook | None = None) -> list[Block
 @torch.no_grad()
 def restore_block(layer: nn.Module, geometry: Callable[[], BlockGeometry], linears: tuple[str, ...],
                   checkpoint: Checkpoint, index: int) -> dict[str, QuantizedWeight]:
-    """Fold block `index`'s saved scales into `layer` and give its linears the saved codes (GPTQ) or the RTN codes
-    the recipe implies; returns the codes. `geometry` is only built when the block has scales."""
+    """Fold block `index`'s saved scales into `layer`, give its linears the saved codes (GPTQ, learned weight clips)
+    or the RTN codes the recipe implies, and their learned activation clips; returns the codes. `geometry` is only
+    built when the block has scales."""
     scales = {p: t.exp() for p, t in checkpoint.block_log_scales(index).items()}
     if scales:
         fold_scales(layer, scales, geometry())
+    for name, clip in checkpoint.block_act_clips(index).items():
+        layer.get_submodule(name).act_clip = clip.reshape(())
     codes = checkpoint.block_weights(index)
     if codes is None:
         spec = checkpoint.recipe.weights.effective_spec
@@ -131,7 +134,7 @@ def apply_recipe(
     def block_done(block: Block) -> None:
         blocks.append((block.index, block.weights))
         if writer is not None and not (resume is not None and block.index < resume.completed_blocks):
-            writer.save_block(block.index, block.log_scales, block.weights, asdict(block.record))
+            writer.save_block(block.index, block.log_scales, block.weights, asdict(block.record), block.act_clips())
         if on_block_end is not None:
             on_block_end(block)
 

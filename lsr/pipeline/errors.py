@@ -29,7 +29,7 @@ def linear_errors(block: Block, params: dict[str, torch.Tensor] | None, quantize
 
             def hook(mod, args, output, name=name):
                 x = hadamard_transform(args[0]) if mod.online_hadamard else args[0]
-                approx = F.linear(fake_quantize(x, block.act), quantized[f"{name}.weight"])
+                approx = F.linear(fake_quantize(x, block.act, mod.act_clip), quantized[f"{name}.weight"])
                 errors[name].update(F.linear(x, mod.weight), approx)
 
             hooks[name] = module.register_forward_hook(hook)

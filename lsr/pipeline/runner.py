@@ -63,6 +63,7 @@ class Block:
         self.x_fp, self.x_q = pipeline.x_fp, pipeline.x_q
         self.record = BlockRecord(index)
         self.log_scales: dict[str, torch.Tensor] = {}  # smoothing log-scales (CPU), until folded
+        self.weight_clips: dict[str, torch.Tensor] = {}  # learned per-row weight clips ``[out, 1]`` for RTN
         self.weights: dict[str, QuantizedWeight] = {}  # set by the weight step; keys are paths inside the block
         self.float_params: dict[str, torch.Tensor] | None = None  # the float parameters the weight step quantized
         self._geometry: BlockGeometry | None = None
@@ -113,13 +114,28 @@ class Block:
         return smoothed_parameters(self.base, scales, self.geometry)
 
     @torch.no_grad()
-    def quantized_params(self, params: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-        """`params` (or the block's own) with every linear weight replaced by its RTN value ``Q_w(W)``."""
+    def quantized_params(self, params: dict[str, torch.Tensor] | None,
+                         weight_clips: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """`params` (or the block's own) with every linear weight replaced by its RTN value ``Q_w(W)`` (with the
+        block's learned weight clips, or `weight_clips`)."""
+        clips = self.weight_clips if weight_clips is None else weight_clips
         out = dict(params) if params is not None else {n: p for n, p in self.layer.named_parameters()}
         for name, module in self.layer.named_modules():
             if isinstance(module, QLinear):
-                out[f"{name}.weight"] = fake_quantize(out[f"{name}.weight"], self.weight_spec)
+                clip = clips.get(name)
+                out[f"{name}.weight"] = fake_quantize(out[f"{name}.weight"], self.weight_spec,
+                                                      None if clip is None else clip.to(self.device))
         return out
+
+    def act_clips(self) -> dict[str, torch.Tensor]:
+        """The activation clip ratio of each linear that has a learned one (the QLinears hold them)."""
+        linears = {name: self.layer.get_submodule(name) for name in self.mapping.linears}
+        return {name: m.act_clip for name, m in linears.items() if getattr(m, "act_clip", None) is not None}
+
+    def set_act_clips(self, clips: dict[str, torch.Tensor]) -> None:
+        """Give the linears their activation clip ratios (detached scalars, kept by the model from now on)."""
+        for name, clip in clips.items():
+            self.layer.get_submodule(name).act_clip = clip.detach().to(self.device).reshape(())
 
     # ------------------------------------------------------------------ running the block
     def batches(self, order: torch.Tensor | None = None, batch_size: int | None = None) -> Iterator[torch.Tensor]:
@@ -128,23 +144,37 @@ class Block:
 
     def forward(
         self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None, *, quantized: bool,
-        weights_ready: bool = False,
+        weights_ready: bool = False, act_clips: dict[str, torch.Tensor] | None = None,
+        weight_clips: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The block on `x` (on the device). ``quantized``: activation quantization on, and the weights quantized with
         the pipeline's RTN spec unless they are final (`weights`) or already quantized in `params`
-        (``weights_ready``). Under autograd the RTN clip search is replaced by a fixed clip of 1 (the search would
-        cost several times the block per step)."""
+        (``weights_ready``; also how float weights are asked for). `act_clips` / `weight_clips` (per linear, may
+        carry gradients) stand in for the linears' own clips during this call. Under autograd the RTN clip search
+        is replaced by a fixed clip of 1 (the search would cost several times the block per step)."""
         weight = None
         if quantized and not (weights_ready or self.weights_final):
             weight = self.weight_spec
             if torch.is_grad_enabled() and weight.clip_search:
                 weight = QuantSpec(weight.bits, weight.symmetric, weight.granularity, weight.group_size)
         set_quantizers(self.layer, self.act if quantized else None, weight)
+        linears = {name: m for name in self.mapping.linears
+                   if isinstance(m := self.layer.get_submodule(name), QLinear)}
+        saved = {name: (m.act_clip, m.weight_clip) for name, m in linears.items()}
+        for name, m in linears.items():
+            if act_clips is not None and name in act_clips:
+                m.act_clip = act_clips[name]
+            if weight is not None:
+                m.weight_clip = (weight_clips if weight_clips is not None else self.weight_clips).get(name)
+                if m.weight_clip is not None:
+                    m.weight_clip = m.weight_clip.to(self.device)
         try:
             kwargs = {"position_embeddings": self.pipeline.position_embeddings, "attention_mask": None}
             out = self.layer(x, **kwargs) if params is None else functional_call(self.layer, params, (x,), kwargs)
         finally:
             set_quantizers(self.layer, None, None)
+            for name, m in linears.items():
+                m.act_clip, m.weight_clip = saved[name]
         return out[0] if isinstance(out, tuple) else out
 
     def run_all(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None, *, quantized: bool,
@@ -156,14 +186,18 @@ class Block:
         ])
 
     @torch.no_grad()
-    def mse(self, params: dict[str, torch.Tensor] | None = None) -> float:
-        """Mean squared error of the quantized block (RTN weights of `params`, or the final weights) on `inputs`
-        against the FP targets, over all samples."""
+    def mse(self, params: dict[str, torch.Tensor] | None = None, *, float_weights: bool = False,
+            act_clips: dict[str, torch.Tensor] | None = None,
+            weight_clips: dict[str, torch.Tensor] | None = None) -> float:
+        """Mean squared error of the quantized block (RTN weights of `params`, float weights with `float_weights`,
+        or the final weights) on `inputs` against the FP targets, over all samples; clips as in `forward`."""
         ready = not self.weights_final
-        params = self.quantized_params(params) if ready else params
+        if ready and not float_weights:
+            params = self.quantized_params(params, weight_clips)
         total = 0.0
         for b in self.batches():
-            y = self.forward(self.inputs[b].to(self.device), params, quantized=True, weights_ready=ready)
+            y = self.forward(self.inputs[b].to(self.device), params, quantized=True, weights_ready=ready,
+                             act_clips=act_clips)
             total += torch.nn.functional.mse_loss(y, self.targets[b].to(self.device)).item() * len(b)
         return total / self.num_samples
 

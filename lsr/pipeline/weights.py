@@ -30,10 +30,11 @@ def _codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, shap
 
 
 @torch.no_grad()
-def rtn_weight(linear: nn.Linear, spec: QuantSpec) -> QuantizedWeight:
-    """Round-to-nearest codes and scales of one linear (the fake quantizer's own)."""
+def rtn_weight(linear: nn.Linear, spec: QuantSpec, clip: torch.Tensor | None = None) -> QuantizedWeight:
+    """Round-to-nearest codes and scales of one linear (the fake quantizer's own; `clip`: learned ``[out, 1]``)."""
     weight = linear.weight.detach().float()
-    return _codes(*quantize(weight, spec), weight.shape)
+    clip = None if clip is None else clip.to(weight.device, torch.float32)
+    return _codes(*quantize(weight, spec, clip), weight.shape)
 
 
 @torch.no_grad()
@@ -53,7 +54,7 @@ class QuantizeWeights:
         spec = self.step.effective_spec
         block.float_params = {n: p.detach().clone() for n, p in block.layer.named_parameters()}
         if self.step.method == "rtn":
-            codes = {name: rtn_weight(linear, spec) for name, linear in linears.items()}
+            codes = {name: rtn_weight(linear, spec, block.weight_clips.get(name)) for name, linear in linears.items()}
         else:
             codes = self._gptq(block, spec)
         for name, weight in codes.items():

@@ -82,9 +82,22 @@ def _best_clip(g: torch.Tensor, absmax: torch.Tensor, spec: QuantSpec, norm: flo
     return best
 
 
-def quantize(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Integer codes (float tensor of integers, grouped shape), scale and zero point (None if symmetric)."""
+def quantize(
+    x: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Integer codes (float tensor of integers, grouped shape), scale and zero point (None if symmetric).
+
+    `clip`: a clip ratio tensor broadcasting against the per-group absmax (a scalar per quantizer, ``[out, 1]`` per
+    weight row), used instead of the spec's ``clip_ratio`` / ``clip_search``; gradients reach it (learned clipping).
+    """
     g = _grouped(x, spec)
+    if clip is not None:
+        if not spec.symmetric or spec.granularity == "group":
+            raise ValueError(f"a clip tensor needs a symmetric, non-grouped quantizer; got {spec}")
+        absmax = g.abs().amax(dim=-1, keepdim=True)
+        scale = absmax * clip / spec.qmax
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return torch.clamp(_round_ste(g / scale), spec.qmin, spec.qmax), scale, None
     if spec.symmetric:
         absmax = g.abs().amax(dim=-1, keepdim=True)
         ratio = _best_clip(g.detach(), absmax.detach(), spec) if spec.clip_search else spec.clip_ratio
@@ -109,7 +122,14 @@ def dequantize(
     return values.reshape(shape)
 
 
-def fake_quantize(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Quantize and dequantize with a straight-through gradient (through rounding; scales stay differentiable)."""
-    q, scale, zero = quantize(x, spec)
+def best_clip(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """The MSE-searched clip ratio of each row of ``w[out, in]`` (``[out, 1]``), as ``clip_search`` picks it."""
+    g = w.detach()
+    return _best_clip(g, g.abs().amax(dim=-1, keepdim=True), spec)
+
+
+def fake_quantize(x: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantize and dequantize with a straight-through gradient (through rounding; scales and `clip` stay
+    differentiable)."""
+    q, scale, zero = quantize(x, spec, clip)
     return dequantize(q, scale, zero, x.shape).to(x.dtype)

@@ -1,7 +1,8 @@
 """`QLinear`: an nn.Linear with an optional online Hadamard on its input and optional fake quantizers.
 
 Parameter names stay those of nn.Linear (`weight`, `bias`), so a transformed model keeps HF's state-dict keys.
-Forward: ``x → x·H (online_hadamard) → Q_a(x) → x · Q_w(W)ᵀ + b``.
+Forward: ``x → x·H (online_hadamard) → Q_a(x) → x · Q_w(W)ᵀ + b``. ``act_clip`` (a scalar tensor) and ``weight_clip``
+(``[out, 1]``) replace the quantizers' fixed clip ratios when set: learned clipping; the export writes them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ class QLinear(nn.Linear):
     online_hadamard: bool
     act_quant: QuantSpec | None
     weight_quant: QuantSpec | None
+    act_clip: torch.Tensor | None
+    weight_clip: torch.Tensor | None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, online_hadamard: bool = False) -> QLinear:
@@ -33,6 +36,8 @@ class QLinear(nn.Linear):
         new.online_hadamard = online_hadamard
         new.act_quant = None
         new.weight_quant = None
+        new.act_clip = None
+        new.weight_clip = None
         return new
 
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -40,7 +45,7 @@ class QLinear(nn.Linear):
         if self.online_hadamard:
             x = hadamard_transform(x)
         if self.act_quant is not None:
-            x = fake_quantize(x, self.act_quant)
+            x = fake_quantize(x, self.act_quant, self.act_clip)
         return x
 
     def quantized_weight(self) -> torch.Tensor:
@@ -48,6 +53,8 @@ class QLinear(nn.Linear):
         if self.weight_quant is None:
             return self.weight
         weight = self.weight
+        if self.weight_clip is not None:
+            return fake_quantize(weight, self.weight_quant, self.weight_clip)
         if not isinstance(weight, nn.Parameter) or (torch.is_grad_enabled() and weight.requires_grad):
             return fake_quantize(weight, self.weight_quant)  # e.g. functional_call's substituted tensors
         key = (weight, weight._version, self.weight_quant)
@@ -65,6 +72,7 @@ class QLinear(nn.Linear):
         return (
             f"{super().extra_repr()}, online_hadamard={self.online_hadamard}, "
             f"act_quant={self.act_quant}, weight_quant={self.weight_quant}"
+            + (f", act_clip={float(self.act_clip):.4f}" if self.act_clip is not None else "")
         )
 
 
