@@ -3,7 +3,7 @@
     recipe.json               the resolved recipe (rebuilds the same model with `lsr.pipeline.apply_checkpoint`)
     lsr_state.json            model, run fingerprint, completed blocks, per-block records (written last)
     scales.safetensors        smoothing log-scales, keys "{block}.{point}"
-    weights/block_{i}.safetensors   GPTQ codes and scales of block i (RTN weights are recomputed from the recipe)
+    weights/block_{i}.safetensors   GPTQ / GPTAQ codes and scales of block i (RTN weights: recomputed from the recipe)
 
 A killed run leaves a consistent checkpoint of its completed blocks and resumes at the next one.
 """
@@ -72,10 +72,10 @@ class Checkpoint:
         return {k[len(prefix):]: v for k, v in self.log_scales.items() if k.startswith(prefix)}
 
     def block_weights(self, index: int) -> dict[str, QuantizedWeight] | None:
-        """The stored codes of block `index` (GPTQ), or None when the recipe's weights are RTN."""
+        """The stored codes of block `index` (GPTQ or GPTAQ), or None when the recipe's weights are RTN."""
         file = self.directory / WEIGHTS_DIR / f"block_{index:04d}.safetensors"
         if not file.is_file():
-            if self.recipe.weights.method == "gptq":
+            if self.recipe.weights.uses_gptq:
                 raise ValueError(f"{file} is missing: the checkpoint's GPTQ weights of block {index} are lost")
             return None
         tensors = load_file(file)
@@ -116,8 +116,8 @@ class CheckpointWriter:
 
     def save_block(self, index: int, log_scales: dict[str, torch.Tensor], weights: dict[str, QuantizedWeight],
                    record: dict) -> None:
-        """Add block `index` (its log-scales, GPTQ codes when the recipe uses GPTQ, and its record)."""
-        if self.recipe.weights.method == "gptq":
+        """Add block `index` (its log-scales, GPTQ or GPTAQ codes when the recipe uses them, and its record)."""
+        if self.recipe.weights.uses_gptq:
             tensors = {}
             for name, w in weights.items():
                 tensors[f"{name}.q"], tensors[f"{name}.scale"] = w.q.contiguous(), w.scale.contiguous()
