@@ -1,10 +1,10 @@
 """A recipe: the ordered steps that turn a float model into a W4A4 model, as small typed configs.
 
-    rotate -> smooth (statistics and init) -> learn -> quantize weights (rtn | gptq); activations per token
+    rotate -> smooth (statistics and init) -> learn -> quantize weights (rtn | gptq | gptaq); activations per token
 
-A step set to ``None`` is not run. Presets (quarot, smoothrot, quantile, lsr and their ``-gptq`` variants) are named
-recipes, defined once in `PRESETS` and resolved by name with overrides (`Recipe.from_name`, litgpt's
-``Config.from_name`` idea); the resolved recipe is saved beside every refined checkpoint and export
+A step set to ``None`` is not run. Presets (quarot, smoothrot, quantile, lsr and their ``-gptq`` and ``-gptaq``
+variants) are named recipes, defined once in `PRESETS` and resolved by name with overrides (`Recipe.from_name`,
+litgpt's ``Config.from_name`` idea); the resolved recipe is saved beside every refined checkpoint and export
 (`Recipe.to_dict` / `Recipe.from_dict`). Every value is checked when the config is built: a bad one raises a
 ValueError naming the field, the value and what is accepted.
 """
@@ -128,7 +128,7 @@ class LearnStep:
 
 @dataclass(frozen=True)
 class GPTQOptions:
-    """GPTQ settings (see `lsr.quant.gptq.gptq_quantize`).
+    """GPTQ settings, for ``gptq`` and ``gptaq`` (see `lsr.quant.gptq.gptq_quantize` and `asymmetric_target`).
 
     Args:
         damp: relative diagonal damping of the Hessian (× mean diag H).
@@ -138,6 +138,14 @@ class GPTQOptions:
             work for fake quantization; the INT4 export holds one scale per output channel and refuses groups.
         true_sequential: within a block quantize the mapping's GPTQ groups in order (q/k/v, o, gate/up, down),
             re-running the block in between so each linear's Hessian comes from inputs after the quantized ones.
+        alpha: ``gptaq`` only: strength of the asymmetric correction towards the float model's outputs, GPTQ of
+            ``W* = W + α·W·ΔX X̃ᵀ (H̃ + λI)⁻¹`` (0: plain GPTQ; 1: exactly ``min ‖Q X̃ − W X‖²`` on the calibration
+            tokens). W* is a regression fitted on the calibration tokens, so α = 1 can overfit a small calibration
+            set: on held-out synthetic layers and tiny models α = 1 was best from about 8-16 calibration tokens per
+            input channel (as with 128 windows of 2048 tokens) but worse than plain GPTQ at 1-2, while 0.5 kept most
+            of the gain at 32 and lost nothing from about 4 up. The default config has about 3-7 (8 windows of 512
+            tokens), hence 0.5; raise it towards 1 for large calibration sets. GPTAQ's own default 0.25 belongs to
+            its masked column-wise update (see `asymmetric_target`), which corrects less per unit α.
     """
 
     damp: float = 0.01
@@ -145,9 +153,11 @@ class GPTQOptions:
     block_size: int = 128
     group_size: int | None = None
     true_sequential: bool = True
+    alpha: float = 0.5
 
     def __post_init__(self) -> None:
         _check(self.damp > 0, "weights.gptq.damp", self.damp, "a positive number")
+        _check(self.alpha >= 0, "weights.gptq.alpha", self.alpha, "a number >= 0")
         _check(self.block_size >= 1, "weights.gptq.block_size", self.block_size, "an int >= 1")
         _check(self.group_size is None or self.group_size >= 1, "weights.gptq.group_size", self.group_size,
                "null or an int >= 1")
@@ -162,27 +172,34 @@ class WeightStep:
     """Quantize the decoder linears' weights.
 
     Args:
-        method: ``rtn`` (round to nearest) or ``gptq`` (second-order error feedback, on the inputs the quantized
-            prefix of the model produces, activation quantization on).
+        method: ``rtn`` (round to nearest), ``gptq`` (second-order error feedback, on the inputs the quantized
+            prefix of the model produces, activation quantization on: ``min ‖(Q − W) X̃‖²``) or ``gptaq`` (GPTAQ /
+            GPTQv2's asymmetric calibration: the same, towards the float model's outputs, ``min ‖Q X̃ − W X‖²`` with
+            ``X`` the linear's inputs in the float model; strength ``gptq.alpha``).
         spec: the weight quantizer (default: 4 bit symmetric per output channel, MSE-searched clip ratio).
-        gptq: GPTQ options (``method: gptq``).
+        gptq: GPTQ options (``method: gptq`` or ``gptaq``).
     """
 
-    method: Literal["rtn", "gptq"] = "rtn"
+    method: Literal["rtn", "gptq", "gptaq"] = "rtn"
     spec: QuantSpec = field(default_factory=_default_weight_spec)
     gptq: GPTQOptions = field(default_factory=GPTQOptions)
 
     def __post_init__(self) -> None:
-        _one_of("weights.method", self.method, ("rtn", "gptq"))
+        _one_of("weights.method", self.method, ("rtn", "gptq", "gptaq"))
         if isinstance(self.spec, dict):
             object.__setattr__(self, "spec", QuantSpec(**self.spec))
         if isinstance(self.gptq, dict):
             object.__setattr__(self, "gptq", GPTQOptions(**self.gptq))
 
     @property
+    def uses_gptq(self) -> bool:
+        """A GPTQ variant (``gptq`` or ``gptaq``): calibrated, codes stored in checkpoints, GPTQ options apply."""
+        return self.method in ("gptq", "gptaq")
+
+    @property
     def effective_spec(self) -> QuantSpec:
-        """The spec GPTQ and RTN quantize with (GPTQ's group size applied)."""
-        if self.method == "gptq" and self.gptq.group_size is not None:
+        """The spec GPTQ and RTN quantize with (GPTQ's group size applied, for gptq and gptaq)."""
+        if self.uses_gptq and self.gptq.group_size is not None:
             s = self.spec
             return QuantSpec(s.bits, s.symmetric, "group", self.gptq.group_size, s.clip_ratio)
         return self.spec
@@ -302,5 +319,7 @@ PRESETS: dict[str, Recipe] = {
     "lsr": Recipe(name="lsr", smooth=_LSR_SMOOTH, learn=LearnStep()),
 }
 for _name in list(PRESETS):
-    PRESETS[f"{_name}-gptq"] = replace(PRESETS[_name], name=f"{_name}-gptq", weights=WeightStep(method="gptq"))
-del _name
+    for _method in ("gptq", "gptaq"):
+        PRESETS[f"{_name}-{_method}"] = replace(PRESETS[_name], name=f"{_name}-{_method}",
+                                                weights=WeightStep(method=_method))
+del _name, _method

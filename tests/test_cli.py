@@ -256,8 +256,9 @@ def test_refined_checkpoint_rebuilds_the_fake_quant_model(tiny_dir, tmp_path):
 
 
 @torch.no_grad()
-def test_gptq_checkpoint_stores_weights_and_reloads(tiny_dir, tmp_path):
-    result = _fit(tiny_dir, tmp_path / "run", PRESETS["quantile-gptq"])
+@pytest.mark.parametrize("name", ["quantile-gptq", "quantile-gptaq"])
+def test_gptq_checkpoint_stores_weights_and_reloads(tiny_dir, tmp_path, name):
+    result = _fit(tiny_dir, tmp_path / "run", PRESETS[name])
     files = sorted(p.name for p in (tmp_path / "run" / "weights").iterdir())
     assert files == ["block_0000.safetensors", "block_0001.safetensors"]
     stored = load_checkpoint(tmp_path / "run").block_weights(1)

@@ -183,12 +183,16 @@ def test_export_with_activation_clip_matches_fake_quant(tmp_path):
 @pytest.mark.parametrize("kind, recipe, overrides", [
     ("qwen2", "quarot-gptq", {}),  # q/k/v biases, GPTQ on post-Hadamard, act-quantized inputs
     ("mistral", "smoothrot-gptq", {}),
+    ("llama", "quarot-gptaq", {}),
     ("llama-tied", "quarot", {"embeddings_8bit": True, "storage_dtype": "bfloat16"}),
 ])
 @torch.no_grad()
 def test_export_variants_match_fake_quant(tmp_path, kind, recipe, overrides):
     path, twin = _export_with_twin(tmp_path / "out", kind, recipe, **overrides)
-    assert Recipe.from_dict(json.loads((path / "config.json").read_text())["lsr"]["recipe"]) == PRESETS[recipe]
+    lsr = json.loads((path / "config.json").read_text())["lsr"]
+    assert Recipe.from_dict(lsr["recipe"]) == PRESETS[recipe]
+    method = PRESETS[recipe].weights.method
+    assert lsr["weight_quantizer"]["name"] == method and ("alpha" in lsr["weight_quantizer"]) == (method == "gptaq")
     model = load_quantized(path, backend="reference")
     assert (model(IDS).logits - twin(IDS).logits).abs().max().item() < 1e-5
 

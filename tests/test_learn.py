@@ -282,6 +282,8 @@ def test_nonfinite_loss_restores_the_last_good_scales(monkeypatch):
         (lambda: LearnStep(epochs=0), r"learn\.epochs=0 is invalid: expected an int >= 1"),
         (lambda: Recipe.from_name("lsr", learn={"epochs": 0}), r"learn\.epochs=0 is invalid"),
         (lambda: Recipe.from_name("lsr", weights={"method": "awq"}), r"weights\.method='awq' is invalid"),
+        (lambda: Recipe.from_name("lsr-gptaq", weights={"gptq": {"alpha": -0.5}}),
+         r"weights\.gptq\.alpha=-0\.5 is invalid: expected a number >= 0"),
         (lambda: Recipe.from_name("lsr", weights={"spec": {"bits": 1}}), "bits must be"),
         (lambda: Recipe(inputs="both"), r"inputs='both' is invalid"),
     ],
@@ -294,7 +296,7 @@ def test_invalid_settings_give_clear_errors(make, match):
 def test_learning_needs_the_learner_and_calibration():
     with pytest.raises(ValueError, match="learns its scales"):
         apply_recipe(tiny_model("llama"), PRESETS["lsr"], _windows(), log=None)
-    for name in ("smoothrot", "quarot-gptq"):
+    for name in ("smoothrot", "quarot-gptq", "quarot-gptaq"):
         with pytest.raises(ValueError, match="needs calibration windows"):
             apply_recipe(tiny_model("llama"), PRESETS[name], None, log=None)
     with pytest.raises(ValueError, match="trainer.max_epochs is set by lsr"):
@@ -311,9 +313,11 @@ def test_presets_are_distinct_methods():
     assert PRESETS["lsr"].learn is not None and PRESETS["lsr"].smooth == PRESETS["quantile"].smooth
     for name in ("quarot", "smoothrot", "quantile", "lsr"):
         assert PRESETS[name].weights == WeightStep()
-        gptq = PRESETS[f"{name}-gptq"]
-        assert gptq.weights.method == "gptq" and replace(gptq, name=name, weights=WeightStep()) == PRESETS[name]
-    assert len({repr(replace(r, name="")) for r in PRESETS.values()}) == len(PRESETS) == 8
+        for method in ("gptq", "gptaq"):
+            variant = PRESETS[f"{name}-{method}"]
+            assert variant.weights == WeightStep(method=method) and variant.weights.uses_gptq
+            assert replace(variant, name=name, weights=WeightStep()) == PRESETS[name]
+    assert len({repr(replace(r, name="")) for r in PRESETS.values()}) == len(PRESETS) == 12
     for name, recipe in PRESETS.items():
         assert recipe.name == name
         assert Recipe.from_dict(recipe.to_dict()) == recipe

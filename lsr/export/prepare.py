@@ -60,7 +60,8 @@ def prepare_export(
         check_exportable(recipe)
     if recipe.learn is not None:
         raise ValueError(f"recipe {recipe.name!r} learns its scales: run `lsr fit` and export the refined checkpoint "
-                         "(or use a recipe without learning: quarot, smoothrot, quantile and their -gptq variants)")
+                         "(or use a recipe without learning: quarot, smoothrot, quantile and their -gptq / -gptaq "
+                         "variants)")
     info = {"model": str(source)} if isinstance(source, (str, Path)) else {}
     if isinstance(source, (str, Path)):
         model, tokenizer = load_model(str(source))

@@ -143,8 +143,10 @@ def lsr_section(prepared: QuantizedModel, config: ExportConfig) -> dict:
         transforms.append({"name": "R4", "targets": list(fmt.R4_TARGETS), "location": "input", "size": size,
                            "m": m, "k": k, "construction": fmt.HADAMARD_CONSTRUCTION})
     quantizer = {"name": prepared.recipe.weights.method}
-    if prepared.recipe.weights.method == "gptq":
+    if prepared.recipe.weights.uses_gptq:
         quantizer.update(asdict(prepared.recipe.weights.gptq))
+        if prepared.recipe.weights.method == "gptq":
+            del quantizer["alpha"]  # gptaq's strength
     names = {id(mod): n for n, mod in model.named_modules()}
     embed_mode = "int8 per row" if config.embeddings_8bit else config.storage_dtype
     head_mode = "int8 per output channel" if config.embeddings_8bit else config.storage_dtype

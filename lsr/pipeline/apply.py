@@ -40,7 +40,7 @@ class QuantizedModel:
 
 
 def needs_calibration(recipe: Recipe) -> bool:
-    return recipe.smooth is not None or recipe.learn is not None or recipe.weights.method == "gptq"
+    return recipe.smooth is not None or recipe.learn is not None or recipe.weights.uses_gptq
 
 
 def prepare_model(model: nn.Module, recipe: Recipe) -> nn.Module:
@@ -120,7 +120,7 @@ def apply_recipe(
     prepare_model(model, recipe)
     if windows is None:
         if needs_calibration(recipe):
-            raise ValueError(f"recipe {recipe.name!r} needs calibration windows (smoothing, learning or GPTQ)")
+            raise ValueError(f"recipe {recipe.name!r} needs calibration windows (smoothing, learning, GPTQ or GPTAQ)")
         weights = {}
         for name, linear in adapter_for(model).decoder_linears(model).items():
             weights[name] = rtn_weight(linear, recipe.weights.effective_spec)
