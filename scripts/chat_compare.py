@@ -1,0 +1,85 @@
+"""One chat prompt answered greedily by the FP model and by INT4 exports (reloaded with the reference backend).
+
+    python scripts/chat_compare.py --model smollm2 \
+        --exports runs/compare/quarot-gptq-s0/int4 runs/compare/lsr-gptq-s0/int4 \
+        --prompt "What is the capital of France?" --max-new-tokens 32 --out benchmarks/chat_smollm2.md
+
+The prompt goes through each tokenizer's chat template (``add_generation_prompt=True``); decoding is greedy
+(``do_sample=False``) with HF ``generate`` and its KV cache, which the INT4 model supports as is: its decoder linears
+quantize activations per token, so a cached step computes what a full forward would. Prints and writes a markdown
+table: model | answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from lsr.export import load_quantized
+from lsr.models import load_tokenizer
+from lsr.models.loading import load_model
+
+
+def answer(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """The greedy reply of `model` to `prompt` as the user's turn of a chat."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    inputs = tokenizer(text, add_special_tokens=False, return_tensors="pt")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
+                             top_k=None, pad_token_id=pad)
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def export_label(path: str, model: torch.nn.Module) -> str:
+    section = getattr(model, "lsr_export", {}) or {}
+    recipe = (section.get("recipe") or {}).get("name", "?")
+    weights = ((section.get("recipe") or {}).get("weights") or {}).get("method", "?")
+    return f"INT4 {path} ({recipe}, {weights})"
+
+
+def markdown(prompt: str, max_new_tokens: int, answers: list[tuple[str, str]]) -> str:
+    def escape(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", "<br>")
+
+    lines = [f"prompt: {prompt!r} (chat template, greedy, at most {max_new_tokens} new tokens)", "",
+             "| model | answer |", "|---|---|"]
+    lines += [f"| {escape(name)} | {escape(text)} |" for name, text in answers]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2", help="the FP model (hub id, local directory or smollm2)")
+    parser.add_argument("--exports", nargs="*", default=[], help="directories written by lsr export / lsr run")
+    parser.add_argument("--prompt", default="What is the capital of France?")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--out", default=None, help="write the markdown table here")
+    args = parser.parse_args()
+
+    answers = []
+    candidates = [("FP " + args.model, None), *((path, path) for path in args.exports)]
+    for name, path in candidates:
+        start = time.perf_counter()
+        if path is None:
+            model, tokenizer = load_model(args.model)
+        else:
+            model, tokenizer = load_quantized(path, backend="reference"), load_tokenizer(path)
+            name = export_label(path, model)
+        text = answer(model, tokenizer, args.prompt, args.max_new_tokens)
+        print(f"{name} ({time.perf_counter() - start:.0f}s): {text}", flush=True)
+        answers.append((name, text))
+        del model
+    table = markdown(args.prompt, args.max_new_tokens, answers)
+    print("\n" + table)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
