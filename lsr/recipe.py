@@ -82,7 +82,8 @@ class LearnStep:
         act_clip: learn one activation clip ratio per quantizer (per group of linears reading the same input),
             ``sigmoid(logit)``, from the recipe's ``activations.clip_ratio``.
         weight_clip: learn one clip ratio per weight output channel, ``sigmoid(logit)``, from the MSE-searched clip
-            (``weights: rtn`` only: with float weights there is no weight quantizer to clip).
+            (``weights: rtn`` only: with float weights there is no weight quantizer to clip); a GPTQ weight step then
+            keeps them as its scales.
         clip_lr: learning rate of the clip logits.
         optimizer: ``adam`` or ``adamw``.
         weight_decay: AdamW weight decay.

@@ -4,8 +4,9 @@
         --weights rtn gptq gptaq --eval-sources embedded-wiki python-stdlib --eval-windows 64 \
         --headline quarot:gptq lsr:gptq --seeds 0 1 2 --out benchmarks/compare_smollm2 [-- lsr fit overrides]
 
-Rows: FP, then every recipe × weight method: ``Recipe.from_name(recipe, weights={"method": method})`` (the config's
-recipe, its overrides included, when its name is that recipe), fitted with `lsr.learn.fit` into
+Rows: FP, then every recipe × weight method: the preset ``{recipe}-{method}`` where there is one, else
+``Recipe.from_name(recipe, weights={"method": method})`` (the config's recipe, its overrides included, when it names
+that preset), fitted with `lsr.learn.fit` into
 ``RUNS/{recipe}-{method}-s{seed}`` (a finished checkpoint is reused), fake-quant perplexity, INT4 export to
 ``{run}/int4``, reloaded with the reference backend, INT4 perplexity (the headline number). Every row is evaluated on
 the same windows: ``--eval-windows`` × the config's seq_len of each source. ``--headline`` rows run for every seed
@@ -41,7 +42,7 @@ from lsr.learn.report import block_error_curves, full_layer_mean_error, plot_blo
 from lsr.metrics import perplexity
 from lsr.models import load_tokenizer
 from lsr.models.loading import ModelConfig, load_model
-from lsr.recipe import Recipe, merge
+from lsr.recipe import PRESETS, Recipe, merge
 
 Key = tuple[str, str | None, int | None]  # (recipe, weight method, seed); FP is ("FP", None, None)
 FP: Key = ("FP", None, None)
@@ -77,10 +78,13 @@ def plan(args: argparse.Namespace) -> list[Key]:
 
 
 def recipe_for(base: str, method: str, seed: int, config_recipe: dict) -> Recipe:
-    if base == config_recipe["name"]:
+    """The preset ``{base}-{method}`` when there is one (its learning is set up for that weight method), else `base`
+    with ``weights.method``; the config's recipe overrides apply when the config names that preset."""
+    name = f"{base}-{method}" if f"{base}-{method}" in PRESETS else base
+    if name == config_recipe["name"]:
         recipe = merge(build_config(Recipe, config_recipe), {"weights": {"method": method}})
     else:
-        recipe = Recipe.from_name(base, weights={"method": method})
+        recipe = Recipe.from_name(name, weights={"method": method})
     return recipe if recipe.rotate is None else replace(recipe, rotate=replace(recipe.rotate, seed=seed))
 
 

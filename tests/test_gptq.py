@@ -234,3 +234,16 @@ def test_cross_accumulator_and_errors():
     bad[0, 0] = float("inf")
     with pytest.raises(ValueError, match="non-finite"):
         asymmetric_target(W, H, bad)
+
+
+def test_a_learned_row_clip_fixes_the_gptq_scales():
+    gen = torch.Generator().manual_seed(3)
+    w, x = torch.randn(6, 32, generator=gen), torch.randn(256, 32, generator=gen)
+    hessian = 2 * x.T.double() @ x.double() / x.shape[0]
+    clip = torch.rand(6, 1, generator=gen) * 0.4 + 0.55
+    spec = QuantSpec(bits=4, granularity="channel")
+    q, scale, _ = gptq_quantize(w, hessian, spec, clip=clip)
+    torch.testing.assert_close(scale, w.abs().amax(-1, keepdim=True) * clip / 7)
+    assert q.abs().max() <= 8 and not torch.equal(scale, gptq_quantize(w, hessian, spec)[1])
+    with pytest.raises(ValueError, match="one scale per output row"):
+        gptq_quantize(w, hessian, QuantSpec(bits=4, granularity="group", group_size=8), clip=clip)

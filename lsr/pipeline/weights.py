@@ -81,8 +81,10 @@ class QuantizeWeights:
                 if asymmetric:
                     weight = asymmetric_target(weight, hessians[name].hessian, crosses[name].cross,
                                                alpha=options.alpha, damp=options.damp)
+                clip = block.weight_clips.get(name)  # learned against RTN: they fix GPTQ's scales
                 codes = gptq_quantize(weight, hessians[name].hessian, spec, damp=options.damp,
-                                      act_order=options.act_order, block_size=options.block_size)
+                                      act_order=options.act_order, block_size=options.block_size,
+                                      clip=None if clip is None else clip.to(weight.device))
                 out[name] = _codes(*codes, weight.shape)
                 set_quantized(linear, out[name])
         return out

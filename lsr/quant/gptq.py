@@ -169,9 +169,10 @@ def asymmetric_target(
     return (W64 + alpha * correction).float()
 
 
-def _params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _params(w: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """RTN scale and zero point of each row of `w` (as `[rows, 1]`), computed with `spec`'s formulas."""
-    _, scale, zero = quantize(w, replace(spec, granularity="channel"))
+    _, scale, zero = quantize(w, replace(spec, granularity="channel"), clip)
     return scale, zero
 
 
@@ -203,6 +204,7 @@ def gptq_quantize(
     damp: float = 0.01,
     act_order: bool = False,
     block_size: int = 128,
+    clip: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """GPTQ-quantize ``weight[out, in]`` given the input Hessian ``[in, in]``.
 
@@ -213,7 +215,8 @@ def gptq_quantize(
     `damp` is the relative diagonal damping (× mean diag H); `act_order` sweeps columns by descending diag H (with
     static groups for group granularity, see the module docstring); `block_size` is the lazy-batch width (rounded
     to a multiple of the group size for dynamic groups — the result does not depend on it beyond float rounding).
-    Dead inputs (``H_ii == 0``) get a zero weight column.
+    Dead inputs (``H_ii == 0``) get a zero weight column. `clip`: per-row clip ratios ``[out, 1]`` (learned weight
+    clips) fixing the scales ``clip · max|w_row| / qmax`` instead of the spec's clip (channel granularity only).
     """
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
@@ -231,6 +234,8 @@ def gptq_quantize(
         raise ValueError("weight has non-finite entries")
     grouped = spec.granularity == "group"
     gs = spec.group_size
+    if clip is not None and spec.granularity not in ("channel", "token"):
+        raise ValueError(f"a per-row clip needs one scale per output row, got granularity {spec.granularity!r}")
     if grouped and cols % gs:
         raise ValueError(f"last dimension {cols} is not a multiple of group_size {gs}")
 
@@ -258,7 +263,7 @@ def gptq_quantize(
         scale_full = s.expand(rows, 1)
         zero_full = None if z is None else z.expand(rows, 1)
     else:  # channel / token: one scale per output row
-        scale_full, zero_full = _params(W, spec)
+        scale_full, zero_full = _params(W, spec, clip)
 
     perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else None
     if perm is not None:
