@@ -49,6 +49,8 @@ def _run_arguments(parser: ArgumentParser, recipe: Recipe, *, train: bool) -> No
     parser.add_argument("--batch_size", type=int, default=4, help="calibration windows per forward pass")
     if train:
         parser.add_argument("--log_dir", type=str, default="lightning_logs", help="TensorBoard logs")
+        parser.add_argument("--linear_errors", type=bool, default=True,
+                            help="score every linear before and after (TensorBoard, report); ~1/4 of a block's time")
         _trainer_arguments(parser)
 
 

@@ -18,7 +18,7 @@ def fit(cfg: dict, *, model: ModelConfig, recipe: Recipe, data: DataConfig, trai
 
     start = time.perf_counter()
     fit_recipe(model, recipe, data, cfg["output_dir"], batch_size=cfg["batch_size"], trainer=trainer,
-               log_dir=cfg["log_dir"])
+               log_dir=cfg["log_dir"], linear_errors=cfg["linear_errors"])
     print(f"refined checkpoint: {cfg['output_dir']} ({time.perf_counter() - start:.0f}s)")
 
 
@@ -63,7 +63,7 @@ def run(cfg: dict, *, model: ModelConfig, recipe: Recipe, data: DataConfig, expo
     print(f"[2/4] fit: recipe {recipe.name}", flush=True)
     start = time.perf_counter()
     result, tokenizer = fit_recipe(model, recipe, data, out, batch_size=cfg["batch_size"], trainer=trainer,
-                                   log_dir=cfg["log_dir"])
+                                   log_dir=cfg["log_dir"], linear_errors=cfg["linear_errors"])
     fit_seconds = time.perf_counter() - start
     start = time.perf_counter()
     ppl = perplexity(result.model, windows, batch_size=data.batch_size, log=print, label="fake-quant perplexity")

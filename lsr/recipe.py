@@ -321,6 +321,9 @@ PRESETS: dict[str, Recipe] = {
 }
 for _name in list(PRESETS):
     for _method in ("gptq", "gptaq"):
-        PRESETS[f"{_name}-{_method}"] = replace(PRESETS[_name], name=f"{_name}-{_method}",
+        # Before a GPTQ weight step, learning keeps the weights in float (SpinQuant, OSTQuant): scales learned
+        # against RTN weights do not carry over to GPTQ's.
+        _learn = PRESETS[_name].learn and replace(PRESETS[_name].learn, weights="float")
+        PRESETS[f"{_name}-{_method}"] = replace(PRESETS[_name], name=f"{_name}-{_method}", learn=_learn,
                                                 weights=WeightStep(method=_method))
-del _name, _method
+del _name, _method, _learn

@@ -115,3 +115,15 @@ def test_gptaq_sees_the_float_models_inputs(monkeypatch):
         for (x_q, x_fp), expected in zip(batches, inputs[name], strict=True):
             torch.testing.assert_close(x_fp, expected, rtol=1e-4, atol=1e-4, msg=name)
             assert not torch.allclose(x_q, x_fp, atol=1e-3), name
+
+
+def test_linear_errors_are_optional_and_change_nothing_else():
+    from lsr.learn.report import full_layer_mean_error
+
+    recipe = Recipe.from_name("quantile-gptq")
+    scored = apply_recipe(tiny_model("llama"), recipe, _windows(), batch_size=4, log=None)
+    quiet = apply_recipe(tiny_model("llama"), recipe, _windows(), batch_size=4, log=None, linear_errors=False)
+    assert all(r.linear_error_final for r in scored.records) and not any(r.linear_error_final for r in quiet.records)
+    assert math.isfinite(full_layer_mean_error(scored.records)) and math.isnan(full_layer_mean_error(quiet.records))
+    for name, weight in scored.weights.items():
+        assert torch.equal(weight.q, quiet.weights[name].q), name

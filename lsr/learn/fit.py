@@ -60,11 +60,12 @@ def run_fingerprint(model: str, recipe: Recipe, data: DataConfig, batch_size: in
 
 def fit(
     model: ModelConfig, recipe: Recipe, data: DataConfig, output_dir: str | Path, *, batch_size: int = 4,
-    trainer: dict | None = None, log_dir: str = "lightning_logs",
+    trainer: dict | None = None, log_dir: str = "lightning_logs", linear_errors: bool = True,
 ) -> tuple[QuantizedModel, Any]:
     """Apply `recipe` to `model` over `data`'s calibration windows, writing a refined checkpoint in `output_dir`
     after every block (a killed run resumes at the next block; a finished one is reused), per-block errors to
-    TensorBoard under `log_dir` and a report beside the checkpoint. Returns the result and the tokenizer."""
+    TensorBoard under `log_dir` (per-linear errors too with `linear_errors`) and a report beside the checkpoint.
+    Returns the result and the tokenizer."""
     output_dir = Path(output_dir).expanduser()
     lm, tokenizer = load_model(model.name, dtype=model.torch_dtype)
     fingerprint = run_fingerprint(model.name, recipe, data, batch_size, trainer)
@@ -92,7 +93,7 @@ def fit(
     report = TensorBoardReport(logger)
     print(f"{recipe.name}: {num_blocks} blocks, {data.describe()}; TensorBoard: {logger.log_dir}")
     result = quantize_(lm, recipe, windows, batch_size=batch_size, trainer=trainer, logger=logger, writer=writer,
-                       resume=resume, on_block_end=report)
+                       resume=resume, on_block_end=report, linear_errors=linear_errors)
     logger.finalize("success")
     write_report(result.records, output_dir, recipe.name)
     return result, tokenizer

@@ -24,7 +24,7 @@ def mean_linear_error(record: BlockRecord, stage: str = "final") -> float:
 def full_layer_mean_error(records: list[BlockRecord], stage: str = "final") -> float:
     """Mean relative output error over all linears of all blocks (seed-004's "full-layer mean error")."""
     errors = [e for r in records for e in (r.linear_error_final if stage == "final" else r.linear_error_init).values()]
-    return sum(errors) / max(len(errors), 1)
+    return sum(errors) / len(errors) if errors else math.nan  # nan: not scored (linear_errors off)
 
 
 class TensorBoardReport:

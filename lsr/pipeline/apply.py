@@ -51,17 +51,18 @@ def prepare_model(model: nn.Module, recipe: Recipe) -> nn.Module:
     return to_qlinears(model)
 
 
-def recipe_hooks(recipe: Recipe, learner: BlockHook | None = None) -> list[BlockHook]:
-    """The recipe's steps as pipeline hooks, in order."""
+def recipe_hooks(recipe: Recipe, learner: BlockHook | None = None, *, linear_errors: bool = True) -> list[BlockHook]:
+    """The recipe's steps as pipeline hooks, in order (`linear_errors`: also score every linear before learning and
+    at the end, for reports; about a quarter of a block's time on CPU)."""
     if recipe.learn is not None and learner is None:
         raise ValueError(f"recipe {recipe.name!r} learns its scales: use lsr.quantize_ or `lsr fit` (lsr.learn)")
     hooks: list[BlockHook] = []
     if recipe.smooth is not None:
         hooks.append(SmoothInit(recipe.smooth, seed=recipe.seed))
     if recipe.learn is not None:
-        hooks += [LinearErrors("init"), learner]
-    hooks += [FoldScales(), QuantizeWeights(recipe.weights), LinearErrors("final")]
-    return hooks
+        hooks += [LinearErrors("init"), learner] if linear_errors else [learner]
+    hooks += [FoldScales(), QuantizeWeights(recipe.weights)]
+    return hooks + [LinearErrors("final")] if linear_errors else hooks
 
 
 @torch.no_grad()
@@ -107,13 +108,13 @@ def apply_recipe(
     model: nn.Module, recipe: Recipe, windows: torch.Tensor | None = None, *, learner: BlockHook | None = None,
     device: str | torch.device = "cpu", batch_size: int = 4, writer: CheckpointWriter | None = None,
     resume: Checkpoint | None = None, log: Callable[[str], None] | None = print,
-    on_block_end: Callable[[Block], None] | None = None,
+    on_block_end: Callable[[Block], None] | None = None, linear_errors: bool = True,
 ) -> QuantizedModel:
     """Apply `recipe` to `model` in place, block by block over calibration `windows` ``[n, seq_len]``.
 
     `learner`: the learning hook (`lsr.learn.LearnScales`) when the recipe learns. `writer`: save a refined
     checkpoint after every block; `resume`: a checkpoint of the same run whose finished blocks are replayed;
-    `on_block_end`: called with each finished block (reports).
+    `on_block_end`: called with each finished block (reports); `linear_errors`: per-linear errors in the records.
     Without `windows`, only a recipe that needs no calibration (rotations + RTN) can be applied.
     """
     model.eval()
@@ -138,7 +139,7 @@ def apply_recipe(
         if on_block_end is not None:
             on_block_end(block)
 
-    records = pipeline.run(recipe_hooks(recipe, learner),
+    records = pipeline.run(recipe_hooks(recipe, learner, linear_errors=linear_errors),
                            replay=[ReplayBlock(resume)] if resume is not None else (),
                            replay_blocks=resume.completed_blocks if resume is not None else 0,
                            on_block_end=block_done)
