@@ -110,13 +110,16 @@ def _recipe_fields(data: dict | None) -> dict:
 
 def parse(argv: list[str]) -> tuple[str, dict]:
     """Parse `argv` into (command, plain config dict); the recipe is resolved from its preset ``recipe.name``."""
-    cfg = build_parser().parse_args(argv)
+    probe = [a for a in argv if not a.startswith("--print_config")]  # printing waits for the preset's defaults
+    cfg = build_parser().parse_args(probe)
     command = cfg.command
     name = cfg[command].get("recipe", Namespace(name=None)).name if "recipe" in cfg[command] else None
     if name is not None and name != "lsr":
         if name not in PRESETS and name != "custom":
             raise ValueError(f"recipe.name={name!r} is invalid: expected a preset ({', '.join(PRESETS)}) or custom")
         cfg = build_parser(PRESETS.get(name, Recipe())).parse_args(argv)
+    elif len(probe) != len(argv):
+        cfg = build_parser().parse_args(argv)
     return command, _to_plain(cfg[command])
 
 

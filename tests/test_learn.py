@@ -311,12 +311,16 @@ def test_presets_are_distinct_methods():
     assert PRESETS["smoothrot"].learn is None
     assert PRESETS["quantile"].smooth.statistic == "quantile" and PRESETS["quantile"].learn is None
     assert PRESETS["lsr"].learn is not None and PRESETS["lsr"].smooth == PRESETS["quantile"].smooth
+    assert PRESETS["lsr"].learn.weights == "rtn" and PRESETS["lsr"].activations.clip_ratio == 0.9
     for name in ("quarot", "smoothrot", "quantile", "lsr"):
         assert PRESETS[name].weights == WeightStep()
         for method in ("gptq", "gptaq"):
             variant = PRESETS[f"{name}-{method}"]
             assert variant.weights == WeightStep(method=method) and variant.weights.uses_gptq
-            assert replace(variant, name=name, weights=WeightStep()) == PRESETS[name]
+            base = PRESETS[name]
+            learn = base.learn and replace(base.learn, weights="float")  # float weights before GPTQ
+            assert variant.learn == learn and (learn is None or learn.weights == "float")
+            assert replace(variant, name=name, weights=WeightStep(), learn=base.learn) == base
     assert len({repr(replace(r, name="")) for r in PRESETS.values()}) == len(PRESETS) == 12
     for name, recipe in PRESETS.items():
         assert recipe.name == name
