@@ -20,6 +20,7 @@ __all__ = [
     "SPECIAL_ORDERS",
     "decompose",
     "hadamard_matrix",
+    "hadamard_signs",
     "hadamard_transform",
     "random_hadamard_matrix",
     "supported_orders",
@@ -83,12 +84,19 @@ def _sylvester_pm1(size: int) -> torch.Tensor:
     return h
 
 
+def hadamard_signs(n: int, *, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
+                   ) -> torch.Tensor:
+    """The unnormalised ±1 matrix ``H_m ⊗ S_{2^k}`` (``hadamard_matrix(n) · sqrt(n)``), built in ``dtype`` (exact in
+    any float dtype: the factors are cast before the Kronecker product, so no float64 ``n × n`` copy is made)."""
+    m, k = decompose(n)
+    base = _base_pm1(m).to(dtype=dtype, device=device)
+    return torch.kron(base, _sylvester_pm1(2**k).to(dtype=dtype, device=device)) if k else base.clone()
+
+
 def hadamard_matrix(n: int, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
                     ) -> torch.Tensor:
     """Orthonormal Hadamard matrix ``(H_m ⊗ S_{2^k}) / sqrt(n)`` with entries ``±1/sqrt(n)``."""
-    m, k = decompose(n)
-    signs = torch.kron(_base_pm1(m), _sylvester_pm1(2**k)) if k else _base_pm1(m).clone()
-    return signs.mul_(1.0 / math.sqrt(n)).to(dtype=dtype, device=device)
+    return hadamard_signs(n).mul_(1.0 / math.sqrt(n)).to(dtype=dtype, device=device)
 
 
 def random_hadamard_matrix(n: int, seed: int, *, dtype: torch.dtype = torch.float32,

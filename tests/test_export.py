@@ -56,6 +56,24 @@ def refined_dir(tmp_path_factory) -> Path:
     return root / "run"
 
 
+def as_old_format(path: Path, version: int) -> dict:
+    """Rewrite a format-4 export in place as format ``version`` < 4 wrote it (no stored R4 tensor, no scheme);
+    returns its config.json (written)."""
+    config = json.loads((path / "config.json").read_text())
+    section = config["lsr"]
+    tensors = load_file(path / fmt.WEIGHTS_FILE)
+    for transform in section["online_transforms"]:
+        del tensors[transform.pop("tensor")]
+        del transform["stored"]
+    save_file(tensors, path / fmt.WEIGHTS_FILE, metadata={"format": "pt"})
+    section["files"][fmt.WEIGHTS_FILE] = {"bytes": (path / fmt.WEIGHTS_FILE).stat().st_size,
+                                          "sha256": sha256_file(path / fmt.WEIGHTS_FILE)}
+    section["format_version"] = version
+    del section["scheme"]
+    (path / "config.json").write_text(json.dumps(config))
+    return config
+
+
 def _export_with_twin(out: Path, source="llama", recipe: Recipe | str | None = None, **overrides):
     """Export a tiny model (a kind of `tiny_model`, or a refined checkpoint directory) and return (directory, the
     fake-quant model holding exactly the exported values)."""
@@ -163,13 +181,13 @@ def test_export_with_activation_clip_matches_fake_quant(tmp_path):
     assert fresh.act_clip == 0.85
     # an export written before the clip was recorded (format 1) reads as clip 1; an unknown format is refused
     config = json.loads((path / "config.json").read_text())
-    assert config["lsr"]["format_version"] == 3
+    assert config["lsr"]["format_version"] == 4
     assert config["lsr"]["activation_quantization"]["clip_ratios"] == {}  # nothing learned
-    config["lsr"]["format_version"] = 4
+    config["lsr"]["format_version"] = 5
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="format_version 4"):
+    with pytest.raises(ValueError, match="format_version 5"):
         load_quantized(path, backend="reference", verify_checksums=False)
-    config["lsr"]["format_version"] = 1
+    config = as_old_format(path, 1)
     del config["lsr"]["activation_quantization"]["clip_ratio"]
     (path / "config.json").write_text(json.dumps(config))
     old = load_quantized(path, backend="reference")

@@ -18,7 +18,7 @@ from torch import nn
 from lsr.data.config import DataConfig
 from lsr.export.config import ExportConfig
 from lsr.export.loader import load_quantized
-from lsr.export.prepare import check_exportable, prepare_export, round_like_export
+from lsr.export.prepare import check_exportable, prepare_export, round_like_export, set_activation_scheme
 from lsr.export.quantized_linear import Int8Embedding, Int8WeightLinear, QuantizedLinear, set_backend
 from lsr.export.writer import ExportResult, write_export
 from lsr.recipe import Recipe
@@ -29,9 +29,11 @@ def export_model(
     recipe: Recipe | str | None = None, data: DataConfig | None = None, calibration: torch.Tensor | None = None,
     tokenizer=None, batch_size: int = 4, **overrides,
 ) -> ExportResult:
-    """Export `source` (see `prepare_export`) as a real INT4 (W4A4) compressed-tensors directory at `out_dir`.
+    """Export `source` (see `prepare_export`) as a real INT4 compressed-tensors directory at `out_dir` (W4A4, or the
+    W4A16 / W4A8 variant of the same weights with ``scheme=``).
 
-    Keyword `overrides` set `ExportConfig` fields (``embeddings_8bit=True``, ``overwrite=True``, ...). Never
+    Keyword `overrides` set `ExportConfig` fields (``scheme="w4a16"``, ``embeddings_8bit=True``, ``overwrite=True``,
+    ...). Never
     overwrites an existing directory unless ``overwrite=True``, and never leaves a half-written one.
     """
     config = (config or ExportConfig()).with_overrides(**overrides)
@@ -39,7 +41,7 @@ def export_model(
     if target.exists() and not config.overwrite:  # fail before any expensive work
         raise FileExistsError(f"{target} exists; pass overwrite=True (--export.overwrite true) to replace it")
     prepared, tokenizer = prepare_export(source, recipe, data=data, calibration=calibration, tokenizer=tokenizer,
-                                         batch_size=batch_size)
+                                         batch_size=batch_size, scheme=config.scheme)
     return write_export(prepared, target, config, tokenizer)
 
 
@@ -54,6 +56,7 @@ __all__ = [
     "load_quantized",
     "prepare_export",
     "round_like_export",
+    "set_activation_scheme",
     "set_backend",
     "write_export",
 ]

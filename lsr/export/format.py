@@ -18,17 +18,21 @@ from compressed_tensors.transform import TransformArgs, TransformConfig, Transfo
 from compressed_tensors.utils.match import is_match, match_name
 from torch import nn
 
-from lsr.hadamard import decompose
+from lsr.export.r4 import R4_GROUP, R4_LOCATION, r4_kind
 from lsr.models.adapter import LINEAR_NAMES, LLAMA
 from lsr.quant.rtn import QuantSpec
 
 # 2: activation_quantization.clip_ratio (1 reads as clip 1.0); 3: activation_quantization.clip_ratios, learned
-# clips per linear (module name -> clip) overriding clip_ratio
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+# clips per linear (module name -> clip) overriding clip_ratio; 4: the online R4 matrix stored as a tensor
+# (`lsr.export.r4`, required), `scheme` (w4a4 / w4a16 / w4a8; older formats are w4a4)
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
+R4_TENSOR_SINCE = 4
 WEIGHTS_FILE = "model.safetensors"
 PACK_FORMAT = "pack-quantized"
-W4A4_GROUP, W8_GROUP = "group_0", "group_1"
+W4A4_GROUP, W8_GROUP = "group_0", "group_1"  # group_0 holds the decoder linears whatever the scheme
+DECODER_ROLES = ("w4a4", "w4a16", "w4a8")  # = ExportConfig.scheme; "w8" is the int8 weight-only embedding/lm_head
+ACT_BITS = {"w4a4": 4, "w4a8": 8, "w4a16": None}
 W4A4_TARGETS = ["re:.*\\.(" + "|".join(LINEAR_NAMES) + ")$"]
 R4_TARGETS = ["re:.*\\." + re.escape(LLAMA.online_hadamard) + "$"]
 PACKED_PARAMS = ("weight_packed", "weight_scale", "weight_shape")
@@ -37,6 +41,8 @@ HADAMARD_CONSTRUCTION = (
     "lsr.hadamard.SPECIAL_ORDERS that works (H_m from lsr.hadamard_orders, S the Sylvester matrix in natural order); "
     "applied as x ← x·H over the last dimension"
 )
+R4_STORED = ("±1 entries of H_m ⊗ S_{2^k} (not divided by sqrt(n), not transposed), storage dtype, stored once and "
+             "shared by every targeted module (vLLM: SharedWeightParameter, divided by sqrt(n) at load, x·W)")
 ACT_QUANT = {
     "bits": 4, "symmetric": True, "granularity": "token", "dynamic": True, "after": "online transforms",
     "scale": "(max|x_t| · clip_ratio) / 7 in float32 (1 where that is 0); clip_ratio is in this section (absent: 1), "
@@ -44,6 +50,12 @@ ACT_QUANT = {
              "compressed-tensors' schema has no field for it, so a consumer of quantization_config alone (vLLM) "
              "would quantize with the plain max|x_t| / 7",
     "rounding": "half to even", "range": [-8, 7], "clamp": "codes clamped to [-8, 7] (|x| > scale·7.5 with a clip)",
+    "output": "(Σ_k q_a·q_w) · scale_t · scale_w, exact integer sums, float32 rescale",
+}
+ACT_QUANT_INT8 = {
+    "bits": 8, "symmetric": True, "granularity": "token", "dynamic": True, "after": "online transforms",
+    "scale": "max|x_t| / 127 in float32 (1 where that is 0); no clip (learned int4 clips do not apply)",
+    "rounding": "half to even", "range": [-128, 127],
     "output": "(Σ_k q_a·q_w) · scale_t · scale_w, exact integer sums, float32 rescale",
 }
 
@@ -68,14 +80,24 @@ def activation_clip(spec: QuantSpec, recipe_name: str = "") -> float:
     return float(spec.clip_ratio)
 
 
-def w4a4_scheme() -> QuantizationScheme:
-    """int4 symmetric weights per output channel, int4 symmetric dynamic per-token inputs, packed."""
+def decoder_scheme(scheme: str = "w4a4") -> QuantizationScheme:
+    """int4 symmetric weights per output channel, packed; inputs: int4 (``w4a4``) or int8 (``w4a8``) symmetric dynamic
+    per token, or not quantized (``w4a16``). The format is explicit: compressed-tensors would infer ``int-quantized``
+    for a scheme with input activations, and vLLM's integer predicates require ``pack-quantized``."""
+    bits = ACT_BITS[scheme]
+    acts = None if bits is None else QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="token",
+                                                      dynamic=True)
     return QuantizationScheme(
         targets=list(W4A4_TARGETS),
         weights=QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="channel", dynamic=False),
-        input_activations=QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="token", dynamic=True),
+        input_activations=acts,
         format=PACK_FORMAT,
     )
+
+
+def w4a4_scheme() -> QuantizationScheme:
+    """int4 symmetric weights per output channel, int4 symmetric dynamic per-token inputs, packed."""
+    return decoder_scheme("w4a4")
 
 
 def w8_scheme(targets: list[str]) -> QuantizationScheme:
@@ -94,12 +116,11 @@ def r4_transform_config(size: int) -> TransformConfig:
     sizes only. For ``n = m·2^k`` with ``m > 1`` no registered compressed-tensors type builds lsr's matrix, so the
     scheme names the type ``lsr-hadamard`` (not registered in compressed-tensors: a consumer that applies transforms
     fails loudly instead of silently using another matrix) and the construction lives in the ``lsr`` section.
-    The ``weight_input`` entry records that the inverse is already fused into the weights.
+    The ``weight_input`` entry records that the inverse is already fused into the weights. The matrix itself is in
+    the checkpoint (`lsr.export.r4`), where vLLM loads it from.
     """
-    m, _ = decompose(size)
-    kind = "hadamard" if m == 1 else "lsr-hadamard"
-    return TransformConfig(config_groups={"R4": TransformScheme(type=kind, apply=[
-        TransformArgs(targets=list(R4_TARGETS), location="input"),
+    return TransformConfig(config_groups={R4_GROUP: TransformScheme(type=r4_kind(size), apply=[
+        TransformArgs(targets=list(R4_TARGETS), location=R4_LOCATION),
         TransformArgs(targets=list(R4_TARGETS), location="weight_input", inverse=True),
     ])})
 
@@ -151,24 +172,27 @@ def _check_args(args: QuantizationArgs | None, what: str, *, bits: int, strategy
 
 
 def scheme_role(name: str, scheme: QuantizationScheme) -> str:
-    """``w4a4`` or ``w8``; a clear error for schemes lsr's runtime cannot run."""
+    """``w4a4``, ``w4a8``, ``w4a16`` (int4 weights) or ``w8`` (int8 weight-only); a clear error for schemes lsr's
+    runtime cannot run."""
     fmt = scheme.format or PACK_FORMAT
     if fmt != PACK_FORMAT:
         raise ValueError(f"config group {name}: format {fmt!r} is not supported (lsr reads {PACK_FORMAT!r})")
     if scheme.output_activations is not None:
         raise ValueError(f"config group {name}: output activation quantization is not supported")
-    if scheme.input_activations is None:
-        _check_args(scheme.weights, f"config group {name} weights", bits=8, strategy="channel", dynamic=False)
-        return "w8"
+    acts = scheme.input_activations
+    if acts is None:
+        bits = 8 if scheme.weights is not None and scheme.weights.num_bits == 8 else 4
+        _check_args(scheme.weights, f"config group {name} weights", bits=bits, strategy="channel", dynamic=False)
+        return "w8" if bits == 8 else "w4a16"
     _check_args(scheme.weights, f"config group {name} weights", bits=4, strategy="channel", dynamic=False)
-    _check_args(scheme.input_activations, f"config group {name} input_activations", bits=4, strategy="token",
-                dynamic=True)
-    return "w4a4"
+    act_bits = 8 if acts.num_bits == 8 else 4
+    _check_args(acts, f"config group {name} input_activations", bits=act_bits, strategy="token", dynamic=True)
+    return f"w4a{act_bits}"
 
 
 def module_roles(model: nn.Module, qconfig: QuantizationConfig) -> dict[str, str]:
-    """``{module name: "w4a4" | "w8"}`` for the quantized modules of a (skeleton) model, with compressed-tensors'
-    name matching (``re:`` targets, ``ignore``)."""
+    """``{module name: "w4a4" | "w4a8" | "w4a16" | "w8"}`` for the quantized modules of a (skeleton) model, with
+    compressed-tensors' name matching (``re:`` targets, ``ignore``)."""
     roles: dict[str, str] = {}
     group_roles = {name: scheme_role(name, scheme) for name, scheme in qconfig.config_groups.items()}
     ignore = qconfig.ignore or []
@@ -181,8 +205,8 @@ def module_roles(model: nn.Module, qconfig: QuantizationConfig) -> dict[str, str
             raise ValueError(f"module {module_name} matches several config groups: {hits}")
         if hits:
             role = group_roles[hits[0]]
-            if role == "w4a4" and not isinstance(module, nn.Linear):
-                raise ValueError(f"{module_name}: W4A4 applies to linears only, got {type(module).__name__}")
+            if role in DECODER_ROLES and not isinstance(module, nn.Linear):
+                raise ValueError(f"{module_name}: {role.upper()} applies to linears only, got {type(module).__name__}")
             roles[module_name] = role
     return roles
 
@@ -193,7 +217,7 @@ def expected_tensors(model: nn.Module, roles: dict[str, str]) -> dict[str, Tenso
     quantized = {name: model.get_submodule(name) for name in roles}
     for name, module in quantized.items():
         rows, cols = module.weight.shape
-        bits = 4 if roles[name] == "w4a4" else 8
+        bits = 8 if roles[name] == "w8" else 4
         expected[f"{name}.weight_packed"] = TensorSpec("int32", (rows, packed_cols(cols, bits)))
         expected[f"{name}.weight_scale"] = TensorSpec("float", (rows, 1))
         expected[f"{name}.weight_shape"] = TensorSpec("int", (2,))

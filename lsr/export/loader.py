@@ -18,6 +18,7 @@ from torch import nn
 
 from lsr.export import format as fmt
 from lsr.export.quantized_linear import Int8Embedding, Int8WeightLinear, QuantizedLinear
+from lsr.export.r4 import R4_GROUP, R4_LOCATION, check_r4_tensor
 from lsr.export.writer import sha256_file
 from lsr.hadamard import decompose
 from lsr.kernels import BACKENDS
@@ -26,8 +27,9 @@ from lsr.models.adapter import adapter_for
 CT_EXTRA_KEYS = ("version", "sparsity_config", "transform_config")
 
 
-def read_config(path: Path) -> tuple[dict, QuantizationConfig, dict]:
-    """(model config dict, compressed-tensors QuantizationConfig, lsr section) of an export; clear errors."""
+def read_config(path: Path) -> tuple[dict, QuantizationConfig, dict, dict | None]:
+    """(model config dict, compressed-tensors QuantizationConfig, lsr section, raw ``transform_config``) of an
+    export; clear errors."""
     config_path = path / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{path} has no config.json: not an exported model directory")
@@ -48,7 +50,7 @@ def read_config(path: Path) -> tuple[dict, QuantizationConfig, dict]:
             TransformConfig.model_validate(qc["transform_config"])
     except Exception as err:  # noqa: BLE001 - pydantic's message, with the file
         raise ValueError(f"{config_path}: quantization_config is not compressed-tensors' schema: {err}") from err
-    return data, qconfig, section
+    return data, qconfig, section, qc.get("transform_config")
 
 
 def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
@@ -127,16 +129,64 @@ def _online(section: dict, module_name: str, in_features: int) -> bool:
     return False
 
 
+def r4_tensors(section: dict) -> dict[str, tuple[str, int]]:
+    """``{tensor name: (module, size)}`` of the stored online R4 matrices an export of this format must hold (none
+    before format 4, whose exports had no tensor: vLLM would run such an export on uninitialised memory)."""
+    if section["format_version"] < fmt.R4_TENSOR_SINCE:
+        return {}
+    out = {}
+    for transform in fmt.online_hadamard_targets(section):
+        name = transform.get("tensor")
+        if not isinstance(name, str) or not name.endswith(f".{R4_GROUP}_{R4_LOCATION}.weight"):
+            raise ValueError(f"config.json: online transform {transform.get('name')!r} names no stored tensor "
+                             f"({name!r}); this export cannot be served (vLLM loads the matrix from the checkpoint)")
+        out[name] = (name.removesuffix(f".{R4_GROUP}_{R4_LOCATION}.weight"), int(transform["size"]))
+    return out
+
+
+def check_transform_config(section: dict, transform_config: dict | None) -> None:
+    """Format 4: the ``transform_config`` consumers read is the R4 lsr runs (``hadamard`` only for a power of two)."""
+    if section["format_version"] < fmt.R4_TENSOR_SINCE:
+        return
+    sizes = sorted({int(t["size"]) for t in fmt.online_hadamard_targets(section)})
+    if len(sizes) != 1:
+        raise ValueError(f"config.json: lsr section records online R4 sizes {sizes}, expected exactly one")
+    expected = fmt.r4_transform_config(sizes[0]).model_dump(mode="json")
+    if transform_config != expected:
+        raise ValueError(f"config.json: quantization_config.transform_config is not the R4 of size {sizes[0]} this "
+                         f"export runs (expected {expected})")
+
+
+def decoder_scheme_of(section: dict, roles: dict[str, str], decoder: set[str]) -> str:
+    """The export's scheme (w4a4 / w4a8 / w4a16): the group covering exactly the decoder linears, as recorded."""
+    found = {n: r for n, r in roles.items() if r in fmt.DECODER_ROLES}
+    if set(found) != decoder:
+        odd = sorted(set(found) ^ decoder)
+        raise ValueError(f"the int4 config group must cover exactly the decoder linears; differs at {odd[:3]}")
+    schemes = set(found.values())
+    if len(schemes) != 1:
+        raise ValueError(f"the decoder linears have several schemes {sorted(schemes)}; an export has one")
+    scheme = schemes.pop()
+    recorded = section.get("scheme", "w4a4")
+    if recorded != scheme:
+        raise ValueError(f"config.json: lsr.scheme is {recorded!r} but quantization_config describes {scheme!r}")
+    return scheme
+
+
 def _clip_value(clip: object, where: str) -> float:
     if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0.0 < clip <= 1.0:
         raise ValueError(f"config.json: lsr.activation_quantization.{where} is {clip!r}, not a number in (0, 1]")
     return float(clip)
 
 
-def _act_clips(section: dict, linears: set[str]) -> dict[str, float]:
+def _act_clips(section: dict, linears: set[str], scheme: str = "w4a4") -> dict[str, float]:
     """Each decoder linear's activation clip ratio: its learned one (``clip_ratios``), else the section's
-    ``clip_ratio`` (absent, as in exports before it was recorded: 1)."""
+    ``clip_ratio`` (absent, as in exports before it was recorded: 1); 1 for w4a8 / w4a16 (no clip)."""
     act = section.get("activation_quantization") or {}
+    if scheme != "w4a4":
+        if act and (act.get("clip_ratio", 1.0) != 1.0 or act.get("clip_ratios")):
+            raise ValueError(f"config.json: lsr.activation_quantization has clips, unused by a {scheme} export")
+        return dict.fromkeys(linears, 1.0)
     default = _clip_value(act.get("clip_ratio", 1.0), "clip_ratio")
     learned = act.get("clip_ratios") or {}
     unknown = sorted(set(learned) - linears)
@@ -155,42 +205,50 @@ def load_quantized(
     path: str | Path, *, backend: str = "auto", device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32, verify_checksums: bool = True,
 ) -> nn.Module:
-    """Load an `lsr export` directory as a causal LM whose decoder linears run W4A4 with integer products.
+    """Load an `lsr export` directory as a causal LM whose decoder linears run W4A4 with integer products (or the
+    export's W4A8 / W4A16 scheme: `QuantizedLinear.act_bits`).
 
     `backend` (``auto`` | ``reference`` | ``triton`` | ``fp8``) goes to every `QuantizedLinear` (switch later with
     `lsr.export.quantized_linear.set_backend`), and so does each linear's activation clip ratio (learned, or the
     section's; absent: 1);
     `dtype` is the compute dtype of the non-quantized parts (embeddings, norms, attention). Raises ValueError with the
-    offending file or tensor when the directory is truncated, corrupt, or inconsistent with its config.json.
+    offending file or tensor when the directory is truncated, corrupt, or inconsistent with its config.json, and
+    when a format-4 export lacks the stored R4 matrix or holds another one (what vLLM would multiply by).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
     path = Path(path).expanduser()
-    data, qconfig, section = read_config(path)
+    data, qconfig, section, transform_config = read_config(path)
     tensors = read_tensors(path, section, verify_checksums=verify_checksums)
     model = build_skeleton(data, dtype)
     roles = fmt.module_roles(model, qconfig)
     adapter = adapter_for(model)
     names = {id(m): n for n, m in model.named_modules()}
     decoder = set(adapter.decoder_linears(model))
-    act_clips = _act_clips(section, decoder)
-    w4a4 = {n for n, r in roles.items() if r == "w4a4"}
-    if w4a4 != decoder:
-        odd = sorted(w4a4 ^ decoder)
-        raise ValueError(f"the W4A4 config group must cover exactly the decoder linears; differs at {odd[:3]}")
-    check_tensors(fmt.expected_tensors(model, roles), tensors)
+    scheme = decoder_scheme_of(section, roles, decoder)
+    act_clips = _act_clips(section, decoder, scheme)
+    check_transform_config(section, transform_config)
+    expected = fmt.expected_tensors(model, roles)
+    stored_r4 = r4_tensors(section)
+    for name, (module, size) in stored_r4.items():
+        if not fmt.matches_any(module, fmt.R4_TARGETS) or module not in decoder:
+            raise ValueError(f"config.json: R4 tensor {name} does not belong to a down_proj of this model")
+        expected[name] = fmt.TensorSpec("float", (size, size))
+    check_tensors(expected, tensors)
+    for name, (_, size) in stored_r4.items():
+        check_r4_tensor(name, tensors.pop(name), size)
     for name, role in roles.items():
         module = model.get_submodule(name)
         shape = tuple(int(v) for v in tensors.pop(f"{name}.weight_shape").tolist())
         if shape != tuple(module.weight.shape):
             raise ValueError(f"tensor {name}.weight_shape is {list(shape)}, config.json implies "
                              f"{list(module.weight.shape)}")
-        q = fmt.unpack(tensors.pop(f"{name}.weight_packed"), 4 if role == "w4a4" else 8, shape)
+        q = fmt.unpack(tensors.pop(f"{name}.weight_packed"), 8 if role == "w8" else 4, shape)
         scale = tensors.pop(f"{name}.weight_scale").float().reshape(-1)
         bias = tensors.pop(f"{name}.bias", None)
-        if role == "w4a4":
+        if role in fmt.DECODER_ROLES:
             new = QuantizedLinear.from_int(q, scale, bias, online_hadamard=_online(section, name, shape[1]),
-                                           backend=backend, act_clip=act_clips[name])
+                                           backend=backend, act_clip=act_clips[name], act_bits=fmt.ACT_BITS[role])
         elif isinstance(module, nn.Embedding):
             new = Int8Embedding(q, scale, dtype)
         else:

@@ -6,6 +6,10 @@ scales; every forward quantizes its input per token to int4 (after the online Ha
 rescales, through `lsr.kernels.w4a4_linear` (backend ``reference`` is exact on any device; ``triton`` /
 ``fp8`` / ``auto`` pick the fused CUDA kernels).
 
+The W4A8 / W4A16 export variants use the same module with ``act_bits`` 8 (int8 per token, ``scale = max|x_t| / 127``,
+integer sums) or ``None`` (no activation quantization), computed with torch ops on any device and backend: lsr's
+fused kernels are W4A4 only.
+
 `Int8WeightLinear` / `Int8Embedding`: the optional 8-bit weight-only lm_head (per output channel) and embedding
 (per row), dequantized on the fly.
 """
@@ -16,11 +20,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lsr.hadamard import hadamard_transform
 from lsr.kernels import BACKENDS, pack_int4, unpack_int4, w4a4_linear
+
+ACT_BITS = (4, 8, None)
+INT8_MAX = 127
+
+
+def quantize_per_token_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per token of float32 ``x [M, K]``: ``scale = max|x_t| / 127`` (1 where 0), round half to even,
+    clamp [-128, 127]; ``(codes float32 [M, K], scale [M])`` (``lsr.quant.rtn.quantize`` with 8 bits, to the bit)."""
+    scale = x.abs().amax(dim=-1) * 1.0 / INT8_MAX
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return torch.round(x / scale.unsqueeze(-1)).clamp_(-INT8_MAX - 1, INT8_MAX), scale
 
 
 class QuantizedLinear(nn.Module):
-    """W4A4 linear: ``y = (Q_a(x [·H]) · Q_wᵀ) · scale_t · scale_w (+ bias)``."""
+    """W4A4 linear: ``y = (Q_a(x [·H]) · Q_wᵀ) · scale_t · scale_w (+ bias)``; W4A8 (``act_bits=8``) or W4A16
+    (``act_bits=None``) with the same int4 weights."""
 
     packed_weight: torch.Tensor
     weight_scale: torch.Tensor
@@ -28,13 +45,15 @@ class QuantizedLinear(nn.Module):
 
     def __init__(
         self, in_features: int, out_features: int, *, bias: bool = False, online_hadamard: bool = False,
-        backend: str = "auto", act_clip: float = 1.0, device: torch.device | str | None = None,
+        backend: str = "auto", act_clip: float = 1.0, act_bits: int | None = 4,
+        device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         if in_features % 2:
             raise ValueError(f"int4 packing needs an even in_features, got {in_features}")
         self.in_features, self.out_features = in_features, out_features
         self.online_hadamard = online_hadamard
+        self.act_bits = act_bits
         self.backend = backend
         self.act_clip = act_clip
         self.register_buffer("packed_weight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8,
@@ -67,22 +86,34 @@ class QuantizedLinear(nn.Module):
             raise ValueError(f"act_clip must be in (0, 1], got {value}")
         self._act_clip = value
 
+    @property
+    def act_bits(self) -> int | None:
+        """4 (W4A4), 8 (W4A8) or None (W4A16: activations not quantized)."""
+        return self._act_bits
+
+    @act_bits.setter
+    def act_bits(self, value: int | None) -> None:
+        if value not in ACT_BITS:
+            raise ValueError(f"act_bits must be one of {ACT_BITS}, got {value!r}")
+        self._act_bits = value
+
     def get_extra_state(self) -> dict:
-        """``act_clip`` travels with ``state_dict`` (``<name>._extra_state``)."""
-        return {"act_clip": self.act_clip}
+        """``act_clip`` and ``act_bits`` travel with ``state_dict`` (``<name>._extra_state``)."""
+        return {"act_clip": self.act_clip, "act_bits": self.act_bits}
 
     def set_extra_state(self, state: dict) -> None:
         self.act_clip = state.get("act_clip", 1.0)
+        self.act_bits = state.get("act_bits", 4)
 
     @classmethod
     def from_int(
         cls, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None, *, online_hadamard: bool = False,
-        backend: str = "auto", act_clip: float = 1.0,
+        backend: str = "auto", act_clip: float = 1.0, act_bits: int | None = 4,
     ) -> QuantizedLinear:
         """From int8 codes ``q [N, K]`` in [-8, 7] and per-channel scales ``[N]`` (or ``[N, 1]``)."""
         n, k = q.shape
         module = cls(k, n, bias=bias is not None, online_hadamard=online_hadamard, backend=backend, act_clip=act_clip,
-                     device=q.device)
+                     act_bits=act_bits, device=q.device)
         module.packed_weight.copy_(pack_int4(q.to(torch.int8)))
         module.weight_scale.copy_(scale.reshape(n).float())
         if bias is not None:
@@ -98,12 +129,31 @@ class QuantizedLinear(nn.Module):
         return self.int_weight().float() * self.weight_scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return w4a4_linear(x, self.packed_weight, self.weight_scale, hadamard=self.online_hadamard,
-                           backend=self.backend, bias=self.bias, act_clip=self.act_clip)
+        if self.act_bits == 4:
+            return w4a4_linear(x, self.packed_weight, self.weight_scale, hadamard=self.online_hadamard,
+                               backend=self.backend, bias=self.bias, act_clip=self.act_clip)
+        return self._forward_torch(x)
+
+    def _forward_torch(self, x: torch.Tensor) -> torch.Tensor:
+        """W4A8: ``((Σ q_a·q_w) · scale_t) · scale_w``, exact integer sums in float64; W4A16: ``x·H`` times the
+        dequantized weight in float32. The Hadamard and everything after it run in float32, as in W4A4."""
+        xf = x.reshape(-1, self.in_features).float()
+        if self.online_hadamard:
+            xf = hadamard_transform(xf)
+        if self.act_bits is None:
+            y = F.linear(xf, self.dequantized_weight())
+        else:
+            q, scale = quantize_per_token_int8(xf)
+            acc = (q.double() @ self.int_weight().double().T).float()
+            y = acc * scale.unsqueeze(-1) * self.weight_scale.unsqueeze(0)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"online_hadamard={self.online_hadamard}, backend={self.backend}, act_clip={self.act_clip}")
+                f"online_hadamard={self.online_hadamard}, act_bits={self.act_bits}, backend={self.backend}, "
+                f"act_clip={self.act_clip}")
 
 
 class Int8WeightLinear(nn.Module):

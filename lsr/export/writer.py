@@ -23,6 +23,7 @@ from torch import nn
 
 from lsr.export import format as fmt
 from lsr.export.config import ExportConfig
+from lsr.export.r4 import r4_owners, r4_tensor, r4_tensor_name
 from lsr.hadamard import decompose
 from lsr.models.adapter import adapter_for
 from lsr.pipeline.apply import QuantizedModel
@@ -69,8 +70,18 @@ def _packed(prefix: str, q: torch.Tensor, scale: torch.Tensor, bits: int) -> dic
     }
 
 
+def online_linears(model: nn.Module) -> list[tuple[str, int]]:
+    """``(name, in_features)`` of the linears with an online Hadamard at their input (R4), in module order."""
+    online = [(n, m.in_features) for n, m in model.named_modules() if isinstance(m, QLinear) and m.online_hadamard]
+    outside = [n for n, _ in online if not fmt.matches_any(n, fmt.R4_TARGETS)]
+    if outside:
+        raise ValueError(f"online Hadamards outside down_proj are not supported by the export: {outside[:3]}")
+    return online
+
+
 def export_tensors(prepared: QuantizedModel, config: ExportConfig) -> dict[str, torch.Tensor]:
-    """Every tensor of the export: packed int4 decoder linears, 16-bit (or int8) embedding/lm_head, float32 rest."""
+    """Every tensor of the export: packed int4 decoder linears, 16-bit (or int8) embedding/lm_head, the online R4
+    matrix (one shared ±1 tensor per size, in the storage dtype), float32 rest."""
     model = prepared.model
     adapter = adapter_for(model)
     names = {id(m): n for n, m in model.named_modules()}
@@ -101,6 +112,8 @@ def export_tensors(prepared: QuantizedModel, config: ExportConfig) -> dict[str, 
                 tensors[key] = tensor.to(storage)
         else:
             tensors[key] = tensor.float()
+    for size, owner in r4_owners(online_linears(model)).items():
+        tensors[r4_tensor_name(owner)] = r4_tensor(size, storage)
     return {k: v.contiguous().cpu() for k, v in tensors.items()}
 
 
@@ -111,7 +124,7 @@ def quantization_config(prepared: QuantizedModel, config: ExportConfig) -> dict:
     names = {id(m): n for n, m in model.named_modules()}
     embed_name = names[id(adapter.embeddings(model))]
     head_name = names[id(adapter.lm_head(model))]
-    groups = {fmt.W4A4_GROUP: fmt.w4a4_scheme()}
+    groups = {fmt.W4A4_GROUP: fmt.decoder_scheme(config.scheme)}
     ignore = [head_name]
     if config.embeddings_8bit:
         groups[fmt.W8_GROUP] = fmt.w8_scheme([f"re:^{re.escape(embed_name)}$", f"re:^{re.escape(head_name)}$"])
@@ -132,16 +145,12 @@ def lsr_section(prepared: QuantizedModel, config: ExportConfig) -> dict:
     """lsr's own metadata: what the compressed-tensors schema cannot say (or cannot say exactly)."""
     model = prepared.model
     adapter = adapter_for(model)
-    online = sorted({(n, m.in_features) for n, m in model.named_modules()
-                     if isinstance(m, QLinear) and m.online_hadamard}, key=lambda t: t[0])
-    sizes = sorted({size for _, size in online})
-    if any(not fmt.matches_any(name, fmt.R4_TARGETS) for name, _ in online):
-        raise ValueError("online Hadamards outside down_proj are not supported by the export")
     transforms = []
-    for size in sizes:
+    for size, owner in sorted(r4_owners(online_linears(model)).items()):
         m, k = decompose(size)
         transforms.append({"name": "R4", "targets": list(fmt.R4_TARGETS), "location": "input", "size": size,
-                           "m": m, "k": k, "construction": fmt.HADAMARD_CONSTRUCTION})
+                           "m": m, "k": k, "construction": fmt.HADAMARD_CONSTRUCTION,
+                           "tensor": r4_tensor_name(owner), "stored": fmt.R4_STORED})
     quantizer = {"name": prepared.recipe.weights.method}
     if prepared.recipe.weights.uses_gptq:
         quantizer.update(asdict(prepared.recipe.weights.gptq))
@@ -157,14 +166,25 @@ def lsr_section(prepared: QuantizedModel, config: ExportConfig) -> dict:
         "weight_quantizer": quantizer,
         "weights": {"bits": 4, "symmetric": True, "granularity": "channel", "range": [-8, 7],
                     "scale_dtype": "float32", "targets": list(fmt.W4A4_TARGETS)},
-        "activation_quantization": {"targets": list(fmt.W4A4_TARGETS), **fmt.ACT_QUANT,
-                                    "clip_ratio": fmt.activation_clip(prepared.recipe.activations,
-                                                                      prepared.recipe.name),
-                                    "clip_ratios": learned_act_clips(model)},
+        "scheme": config.scheme,
+        "activation_quantization": activation_section(prepared, config),
         "online_transforms": transforms,
         "unquantized": {names[id(adapter.embeddings(model))]: embed_mode, names[id(adapter.lm_head(model))]: head_mode,
                         "norms and biases": "float32"},
     }
+
+
+def activation_section(prepared: QuantizedModel, config: ExportConfig) -> dict | None:
+    """How the runtime quantizes the decoder linears' inputs: the recipe's int4 rule and clips (``w4a4``), plain
+    int8 absmax (``w4a8``), nothing (``w4a16``)."""
+    targets = {"targets": list(fmt.W4A4_TARGETS)}
+    if config.scheme == "w4a16":
+        return None
+    if config.scheme == "w4a8":
+        return {**targets, **fmt.ACT_QUANT_INT8, "clip_ratio": 1.0, "clip_ratios": {}}
+    return {**targets, **fmt.ACT_QUANT,
+            "clip_ratio": fmt.activation_clip(prepared.recipe.activations, prepared.recipe.name),
+            "clip_ratios": learned_act_clips(prepared.model)}
 
 
 def learned_act_clips(model: nn.Module) -> dict[str, float]:
