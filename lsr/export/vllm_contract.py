@@ -28,6 +28,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -37,8 +38,7 @@ PACK_FORMAT = "pack-quantized"
 HADACORE_MAX = 2**15
 
 
-@dataclass(frozen=True)
-class Expected:
+class Expected(NamedTuple):
     """One tensor vLLM loads: dtype kind (``float``, ``int32``, ``int64``) and shape."""
 
     kind: str
