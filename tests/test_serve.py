@@ -334,3 +334,44 @@ def test_round_trip_fails_without_the_stored_matrix_or_with_the_fused_entry_appl
     apply_transform_config(twice, TransformConfig.model_validate(json.loads((path / "config.json").read_text())[
         "quantization_config"]["transform_config"]))  # weight_input rotates the already-rotated weights again
     assert (twice(IDS).logits - ours).abs().max().item() > 1e-2
+
+
+# ----------------------------------------------------------------------------------------------- SmolLM2 (slow)
+@pytest.mark.slow
+@torch.no_grad()
+def test_smollm2_exports_meet_the_vllm_contract_and_round_trip(tmp_path):
+    """The embedded SmolLM2 (quarot, RTN): R4 of size 1536 = 12·128 stored as vLLM loads it; W4A4 and W4A16 exports
+    meet the vLLM contract; transformers + compressed-tensors compute lsr's logits (activation quantization off)."""
+    from lsr.models import load_model
+
+    model, tokenizer = load_model("smollm2")
+    prepared, _ = prepare_export(model, "quarot", tokenizer=tokenizer)
+    ids = tokenizer("The history of the city begins with a small settlement on the river, where traders met "
+                    "to exchange salt, grain and wool before the first bridge was built.", return_tensors="pt")[
+        "input_ids"]
+    n, layers = 1536, 30
+    for scheme, vllm_class in (("w4a4", "CompressedTensorsWNA4Int"), ("w4a16", "CompressedTensorsWNA16")):
+        path = tmp_path / scheme
+        write_export(prepared, path, ExportConfig(scheme=scheme), tokenizer)
+        r4 = load_file(path / fmt.WEIGHTS_FILE)[R4_NAME]
+        assert r4.dtype == torch.float16 and r4.shape == (n, n)
+        assert torch.equal(r4.double(), hadamard_transform(torch.eye(n, dtype=torch.float64)) * math.sqrt(n))
+        contract = check_vllm_contract(path)
+        assert sorted(set(contract.schemes.values())) == sorted({vllm_class, "unquantized"})
+        assert sum(c == vllm_class for c in contract.schemes.values()) == 7 * layers
+        assert {v[:3] for v in contract.transforms.values()} == {("R4", "lsr-hadamard", n)}
+        assert len(contract.transforms) == layers
+        consumer, copied = load_with_compressed_tensors(path)
+        assert len(copied) == layers
+        ours = load_quantized(path, backend="reference")
+        for module in ours.modules():
+            if isinstance(module, QuantizedLinear):
+                module.act_bits = None
+        theirs, mine = consumer(ids).logits, ours(ids).logits
+        scale = mine.abs().max().item()
+        diff = (theirs - mine).abs().max().item()
+        print(f"{scheme}: max |logits diff| {diff:.2e} of max |logit| {scale:.1f}; "
+              f"argmax agreement {(theirs.argmax(-1) == mine.argmax(-1)).float().mean().item():.4f}")
+        assert diff < 1e-4 * scale
+        assert torch.equal(theirs.argmax(-1), mine.argmax(-1))
+        del consumer, ours
