@@ -110,7 +110,8 @@ def export(cfg: dict, *, recipe: Recipe, data: DataConfig, export: ExportConfig,
                           data=data, batch_size=cfg["batch_size"])
     sizes = size_report(result.path)
     print(f"exported {source} -> {result.path} in {time.perf_counter() - start:.1f}s "
-          f"(recipe {result.lsr['recipe']['name']}, weights {result.lsr['weight_quantizer']['name']})")
+          f"(recipe {result.lsr['recipe']['name']}, weights {result.lsr['weight_quantizer']['name']}, "
+          f"scheme {result.lsr['scheme']})")
     print(f"decoder linears: {sizes['decoder_linear_bytes'] / 2**20:.2f} MiB on disk, "
           f"{sizes['decoder_linear_ratio']:.4f}x FP16; directory {sizes['directory_bytes'] / 2**20:.2f} MiB")
 
