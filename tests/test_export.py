@@ -165,9 +165,9 @@ def test_export_with_activation_clip_matches_fake_quant(tmp_path):
     config = json.loads((path / "config.json").read_text())
     assert config["lsr"]["format_version"] == 3
     assert config["lsr"]["activation_quantization"]["clip_ratios"] == {}  # nothing learned
-    config["lsr"]["format_version"] = 4
+    config["lsr"]["format_version"] = 5
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="format_version 4"):
+    with pytest.raises(ValueError, match="format_version 5"):
         load_quantized(path, backend="reference", verify_checksums=False)
     config["lsr"]["format_version"] = 1
     del config["lsr"]["activation_quantization"]["clip_ratio"]

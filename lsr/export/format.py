@@ -23,9 +23,10 @@ from lsr.models.adapter import LINEAR_NAMES, LLAMA
 from lsr.quant.rtn import QuantSpec
 
 # 2: activation_quantization.clip_ratio (1 reads as clip 1.0); 3: activation_quantization.clip_ratios, learned
-# clips per linear (module name -> clip) overriding clip_ratio
+# clips per linear (module name -> clip) overriding clip_ratio; 4: a kv_cache entry (R3, KV-cache quantizer; written
+# only when the recipe has one, see lsr.export.kv_format)
 FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+READABLE_VERSIONS = (1, 2, 3, 4)
 WEIGHTS_FILE = "model.safetensors"
 PACK_FORMAT = "pack-quantized"
 W4A4_GROUP, W8_GROUP = "group_0", "group_1"

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from torch import nn
 
 from lsr.export import format as fmt
+from lsr.export.kv_format import attach_kv
 from lsr.export.quantized_linear import Int8Embedding, Int8WeightLinear, QuantizedLinear
 from lsr.export.writer import sha256_file
 from lsr.hadamard import decompose
@@ -160,7 +161,9 @@ def load_quantized(
     `backend` (``auto`` | ``reference`` | ``triton`` | ``fp8``) goes to every `QuantizedLinear` (switch later with
     `lsr.export.quantized_linear.set_backend`), and so does each linear's activation clip ratio (learned, or the
     section's; absent: 1);
-    `dtype` is the compute dtype of the non-quantized parts (embeddings, norms, attention). Raises ValueError with the
+    `dtype` is the compute dtype of the non-quantized parts (embeddings, norms, attention). An export with a
+    ``kv_cache`` entry gets R3 and its key/value quantizer in every attention (fake-quantized without a cache, stored
+    as codes in a `lsr.export.kv_cache.QuantizedKVCache`). Raises ValueError with the
     offending file or tensor when the directory is truncated, corrupt, or inconsistent with its config.json.
     """
     if backend not in BACKENDS:
@@ -205,6 +208,7 @@ def load_quantized(
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise ValueError(f"tensor {left[0]} was not loaded ({len(left)} in all)")
+    attach_kv(model, section)
     model.to(device).eval().requires_grad_(False)
     model.lsr_export = section
     return model

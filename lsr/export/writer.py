@@ -22,7 +22,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lsr.export import format as fmt
+from lsr.export import kv_format
 from lsr.export.config import ExportConfig
+from lsr.export.kv_format import kv_cache_scheme, kv_section, r3_transform_scheme
 from lsr.hadamard import decompose
 from lsr.models.adapter import adapter_for
 from lsr.pipeline.apply import QuantizedModel
@@ -120,12 +122,19 @@ def quantization_config(prepared: QuantizedModel, config: ExportConfig) -> dict:
         config_groups=groups, format=fmt.PACK_FORMAT, quantization_status="compressed", ignore=ignore
     )
     down = adapter.layers(model)[0].get_submodule(adapter.mapping.online_hadamard)
-    return {
+    transforms = fmt.r4_transform_config(down.in_features)
+    kv, (_, _, head_dim) = prepared.recipe.kv_cache, adapter.head_dims(model)
+    if kv is not None and kv.r3:
+        transforms.config_groups["R3"] = r3_transform_scheme(head_dim)
+    out = {
         "version": compressed_tensors.__version__,
         "sparsity_config": {},
-        "transform_config": fmt.r4_transform_config(down.in_features).model_dump(mode="json"),
+        "transform_config": transforms.model_dump(mode="json"),
         **qconfig.model_dump(mode="json"),
     }
+    if kv_cache_scheme(kv, head_dim) is not None:
+        out["kv_cache_scheme"] = kv_cache_scheme(kv, head_dim)
+    return out
 
 
 def lsr_section(prepared: QuantizedModel, config: ExportConfig) -> dict:
@@ -150,8 +159,9 @@ def lsr_section(prepared: QuantizedModel, config: ExportConfig) -> dict:
     names = {id(mod): n for n, mod in model.named_modules()}
     embed_mode = "int8 per row" if config.embeddings_8bit else config.storage_dtype
     head_mode = "int8 per output channel" if config.embeddings_8bit else config.storage_dtype
+    kv = kv_section(prepared.recipe.kv_cache, adapter.head_dims(model)[2])
     return {
-        "format_version": fmt.FORMAT_VERSION,
+        "format_version": fmt.FORMAT_VERSION if kv is None else kv_format.FORMAT_VERSION,
         "source": prepared.source,
         "recipe": prepared.recipe.to_dict(),
         "weight_quantizer": quantizer,
@@ -164,6 +174,7 @@ def lsr_section(prepared: QuantizedModel, config: ExportConfig) -> dict:
         "online_transforms": transforms,
         "unquantized": {names[id(adapter.embeddings(model))]: embed_mode, names[id(adapter.lm_head(model))]: head_mode,
                         "norms and biases": "float32"},
+        **({"kv_cache": kv} if kv is not None else {}),
     }
 
 
