@@ -320,9 +320,13 @@ class Recipe:
         return merge(PRESETS[name], overrides)
 
     def to_dict(self) -> dict:
+        """Plain data (recipe.json, exports, run fingerprints); without ``kv_cache`` when there is none, so recipes
+        without one read, write and fingerprint as they did before the step existed."""
         data = asdict(self)
         if data["smooth"] is not None:
             data["smooth"]["points"] = list(data["smooth"]["points"])
+        if data["kv_cache"] is None:
+            del data["kv_cache"]
         return data
 
     @classmethod

@@ -145,6 +145,8 @@ def test_recipe_kv_cache_step():
     old = recipe.to_dict()
     del old["kv_cache"]  # a recipe.json written before the step existed
     assert Recipe.from_dict(old).kv_cache is None and Recipe.from_name("lsr-gptaq").kv_cache is None
+    # without a KV step the recipe writes (and fingerprints) as before it existed: finished runs are still found
+    assert "kv_cache" not in Recipe.from_name("lsr-gptaq").to_dict()
     assert recipe.kv_cache.spec(64) == QuantSpec(4, False, "token", 64, 0.95)
     assert KVCacheStep(bits=8, group_size=16).spec(64) == QuantSpec(8, False, "group", 16, 0.95)
     assert KVCacheStep(bits=16).spec(64) is None
