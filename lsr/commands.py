@@ -67,7 +67,8 @@ def run(cfg: dict, *, model: ModelConfig, recipe: Recipe, data: DataConfig, expo
     fit_seconds = time.perf_counter() - start
     start = time.perf_counter()
     ppl = perplexity(result.model, windows, batch_size=data.batch_size, log=print, label="fake-quant perplexity")
-    rows.append((f"W4A4 fake-quant ({recipe.name})", ppl, fit_seconds + time.perf_counter() - start))
+    name = recipe.name + (f", {recipe.kv_cache.label}" if recipe.kv_cache is not None else "")
+    rows.append((f"W4A4 fake-quant ({name})", ppl, fit_seconds + time.perf_counter() - start))
 
     print(f"[3/4] INT4 export -> {export_dir}", flush=True)
     start = time.perf_counter()
@@ -75,7 +76,7 @@ def run(cfg: dict, *, model: ModelConfig, recipe: Recipe, data: DataConfig, expo
     print("[4/4] reload the INT4 export and evaluate", flush=True)
     int4 = load_quantized(export_dir, backend="reference")
     int4_ppl = perplexity(int4, windows, batch_size=data.batch_size, log=print, label="INT4 perplexity")
-    rows.append((f"W4A4 INT4 export, reloaded ({recipe.name})", int4_ppl, time.perf_counter() - start))
+    rows.append((f"W4A4 INT4 export, reloaded ({name})", int4_ppl, time.perf_counter() - start))
 
     import torch
 
@@ -159,6 +160,10 @@ def generate(cfg: dict, **_) -> dict:
     _, _, section = read_config(path)
     if cfg["variant"] == "int4":
         model = load_quantized(path, backend=cfg["backend"], device=cfg["device"])
+        if (path / "generation_config.json").is_file():  # the source's (end-of-turn token, ...)
+            from transformers import GenerationConfig
+
+            model.generation_config = GenerationConfig.from_pretrained(path)
     else:
         model = _source_model(section, cfg["variant"]).to(cfg["device"])
     tokenizer = load_tokenizer(str(path))

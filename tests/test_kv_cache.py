@@ -377,3 +377,18 @@ def test_generate_command(tmp_path, capsys):
           "fp", "--json", str(out_json)])
     fp = json.loads(out_json.read_text())
     assert fp["cache"] == "DynamicCache" and fp["cache_bytes_per_token_per_layer"] == 2 * KV_HEADS * HEAD_DIM * 4
+
+
+@torch.no_grad()
+def test_refined_checkpoint_with_a_kv_cache_rebuilds_the_same_model(tmp_path):
+    from lsr.checkpoint import CheckpointWriter, load_checkpoint
+    from lsr.pipeline import apply_checkpoint
+
+    recipe = Recipe.from_name("quantile", kv_cache={"bits": 4, "group_size": 4})
+    writer = CheckpointWriter(tmp_path / "run", recipe, model="tiny", fingerprint="test",
+                              num_blocks=TINY["num_hidden_layers"])
+    first = apply_recipe(tiny_model("llama"), recipe, CALIB, writer=writer, log=None).model
+    assert load_checkpoint(tmp_path / "run").recipe == recipe
+    again = apply_checkpoint(tiny_model("llama"), tmp_path / "run").model
+    assert torch.equal(first(IDS).logits, again(IDS).logits)
+    assert again.model.layers[1].self_attn.kv_quant == QuantSpec(4, False, "group", 4, 0.95)
