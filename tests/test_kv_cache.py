@@ -339,6 +339,25 @@ def test_export_records_and_runs_the_kv_cache(tmp_path, kind, kv, exact):
     assert tokens.shape == (1, 11)
 
 
+def test_transformers_and_compressed_tensors_still_read_a_kv_export(tmp_path):
+    """The kv_cache_scheme and the R3 transform scheme keep the config readable by transformers + compressed-tensors,
+    which decompress the weights to ours."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    from lsr.export.quantized_linear import QuantizedLinear
+
+    prepared, _ = prepare_export(tiny_model("llama"), Recipe.from_name("quarot", kv_cache={"bits": 4}),
+                                 calibration=CALIB)
+    write_export(prepared, tmp_path / "out", ExportConfig(), None)
+    ours = load_quantized(tmp_path / "out", backend="reference")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32,
+                                              quantization_config=CompressedTensorsConfig(dequantize=True))
+    linears = [(n, m) for n, m in ours.named_modules() if isinstance(m, QuantizedLinear)]
+    assert len(linears) == 7 * TINY["num_hidden_layers"]
+    for name, module in linears:
+        assert torch.equal(hf.get_submodule(name).weight, module.dequantized_weight()), name
+
+
 def test_export_kv_entry_is_checked(tmp_path):
     prepared, _ = prepare_export(tiny_model("llama"), Recipe.from_name("quarot", kv_cache={"bits": 4}),
                                  calibration=CALIB)

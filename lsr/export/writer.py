@@ -24,7 +24,6 @@ from torch import nn
 from lsr.export import format as fmt
 from lsr.export import kv_format
 from lsr.export.config import ExportConfig
-from lsr.export.kv_format import kv_cache_scheme, kv_section, r3_transform_scheme
 from lsr.hadamard import decompose
 from lsr.models.adapter import adapter_for
 from lsr.pipeline.apply import QuantizedModel
@@ -125,15 +124,16 @@ def quantization_config(prepared: QuantizedModel, config: ExportConfig) -> dict:
     transforms = fmt.r4_transform_config(down.in_features)
     kv, (_, _, head_dim) = prepared.recipe.kv_cache, adapter.head_dims(model)
     if kv is not None and kv.r3:
-        transforms.config_groups["R3"] = r3_transform_scheme(head_dim)
+        transforms.config_groups["R3"] = kv_format.r3_transform_scheme(head_dim)
     out = {
         "version": compressed_tensors.__version__,
         "sparsity_config": {},
         "transform_config": transforms.model_dump(mode="json"),
         **qconfig.model_dump(mode="json"),
     }
-    if kv_cache_scheme(kv, head_dim) is not None:
-        out["kv_cache_scheme"] = kv_cache_scheme(kv, head_dim)
+    kv_scheme = kv_format.kv_cache_scheme(kv, head_dim)
+    if kv_scheme is not None:
+        out["kv_cache_scheme"] = kv_scheme
     return out
 
 
@@ -159,7 +159,7 @@ def lsr_section(prepared: QuantizedModel, config: ExportConfig) -> dict:
     names = {id(mod): n for n, mod in model.named_modules()}
     embed_mode = "int8 per row" if config.embeddings_8bit else config.storage_dtype
     head_mode = "int8 per output channel" if config.embeddings_8bit else config.storage_dtype
-    kv = kv_section(prepared.recipe.kv_cache, adapter.head_dims(model)[2])
+    kv = kv_format.kv_section(prepared.recipe.kv_cache, adapter.head_dims(model)[2])
     return {
         "format_version": fmt.FORMAT_VERSION if kv is None else kv_format.FORMAT_VERSION,
         "source": prepared.source,
