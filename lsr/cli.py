@@ -5,6 +5,8 @@
     lsr run --config configs/smollm2.yaml        the main job: FP -> fit -> fake-quant -> INT4 export -> reload
     lsr export SOURCE OUT_DIR [--recipe.name quarot-gptq]   real INT4 compressed-tensors export
     lsr eval PATH                                perplexity (and lm-eval tasks) of an exported INT4 model
+    lsr generate PATH --prompt "..."             stream a reply (INT4, or --variant fp | fake_quant), tokens/s and
+                                                 KV-cache bytes per token per layer
 
 A recipe is resolved from ``recipe.name`` (a preset) and the fields given beside it, which override the preset's.
 Bad values end in one line naming the field, the value and what is accepted.
@@ -24,8 +26,9 @@ from lsr.export.prepare import EXPORT_CALIBRATION
 from lsr.models.loading import ModelConfig
 from lsr.recipe import PRESETS, Recipe
 
-COMMANDS = ("fit", "validate", "run", "export", "eval")
+COMMANDS = ("fit", "validate", "run", "export", "eval", "generate")
 Variant = Literal["fp", "rotated", "fake_quant"]
+GenerateVariant = Literal["int4", "fp", "fake_quant"]
 Backend = Literal["auto", "reference", "triton", "fp8"]
 
 
@@ -83,6 +86,18 @@ def _subparser(command: str, recipe: Recipe) -> ArgumentParser:
         p.add_argument("--limit", type=int | None, default=None, help="lm-eval: examples per task")
         p.add_argument("--no_perplexity", type=bool, default=False)
         p.add_argument("--json", type=str | None, default=None, help="write the results to this JSON file")
+    if command == "generate":
+        p.add_argument("path", type=str, help="directory written by `lsr export`")
+        p.add_argument("--prompt", type=str, required=True, help="the user's message")
+        p.add_argument("--max_new_tokens", type=int, default=64)
+        p.add_argument("--variant", type=GenerateVariant, default="int4",
+                       help="int4 (the export, KV cache quantized as it records), fp (its source model) or "
+                            "fake_quant (its source rebuilt with its recipe, in float)")
+        p.add_argument("--backend", type=Backend, default="reference", help="INT4 linears (int4 only)")
+        p.add_argument("--device", type=str, default="cpu")
+        p.add_argument("--chat", type=bool, default=True, help="use the tokenizer's chat template when it has one")
+        p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+        p.add_argument("--json", type=str | None, default=None, help="write the report to this JSON file")
     return p
 
 

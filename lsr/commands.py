@@ -67,7 +67,8 @@ def run(cfg: dict, *, model: ModelConfig, recipe: Recipe, data: DataConfig, expo
     fit_seconds = time.perf_counter() - start
     start = time.perf_counter()
     ppl = perplexity(result.model, windows, batch_size=data.batch_size, log=print, label="fake-quant perplexity")
-    rows.append((f"W4A4 fake-quant ({recipe.name})", ppl, fit_seconds + time.perf_counter() - start))
+    name = recipe.name + (f", {recipe.kv_cache.label}" if recipe.kv_cache is not None else "")
+    rows.append((f"W4A4 fake-quant ({name})", ppl, fit_seconds + time.perf_counter() - start))
 
     print(f"[3/4] INT4 export -> {export_dir}", flush=True)
     start = time.perf_counter()
@@ -75,7 +76,7 @@ def run(cfg: dict, *, model: ModelConfig, recipe: Recipe, data: DataConfig, expo
     print("[4/4] reload the INT4 export and evaluate", flush=True)
     int4 = load_quantized(export_dir, backend="reference")
     int4_ppl = perplexity(int4, windows, batch_size=data.batch_size, log=print, label="INT4 perplexity")
-    rows.append((f"W4A4 INT4 export, reloaded ({recipe.name})", int4_ppl, time.perf_counter() - start))
+    rows.append((f"W4A4 INT4 export, reloaded ({name})", int4_ppl, time.perf_counter() - start))
 
     import torch
 
@@ -145,3 +146,52 @@ def eval(cfg: dict, *, data: DataConfig, **_) -> dict:  # noqa: A001 - the subco
     if cfg["json"]:
         Path(cfg["json"]).write_text(json.dumps(results, indent=2, default=str))
     return results
+
+
+def generate(cfg: dict, **_) -> dict:
+    """Stream a reply from the export (or its FP / fake-quant source) and report tokens/s and KV-cache bytes."""
+    from dataclasses import asdict
+
+    from lsr.export import load_quantized
+    from lsr.export.loader import read_config
+    from lsr.generation import generate as run_generation
+    from lsr.models import load_tokenizer
+
+    path = Path(cfg["path"]).expanduser()
+    _, _, section, _ = read_config(path)
+    if cfg["variant"] == "int4":
+        model = load_quantized(path, backend=cfg["backend"], device=cfg["device"])
+        if (path / "generation_config.json").is_file():  # the source's (end-of-turn token, ...)
+            from transformers import GenerationConfig
+
+            model.generation_config = GenerationConfig.from_pretrained(path)
+    else:
+        model = _source_model(section, cfg["variant"]).to(cfg["device"])
+    tokenizer = load_tokenizer(str(path))
+    kv = section.get("kv_cache") or {}
+    cache = "float KV cache" if cfg["variant"] == "fp" else f"KV{kv.get('bits', 16)}" + (", R3" if kv.get("r3") else "")
+    print(f"lsr generate: {cfg['variant']} model of {path} ({cache})", flush=True)
+    report = run_generation(model, tokenizer, cfg["prompt"], max_new_tokens=cfg["max_new_tokens"], chat=cfg["chat"],
+                            temperature=cfg["temperature"], device=cfg["device"])
+    print(report.summary())
+    result = {**asdict(report), "variant": cfg["variant"], "path": str(path),
+              "decode_tokens_per_second": report.decode_tokens_per_second, "cache_ratio": report.cache_ratio}
+    if cfg["json"]:
+        Path(cfg["json"]).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _source_model(section: dict, variant: str):
+    """The export's source model in float (``fp``), or rebuilt as the fake-quant model of its recipe."""
+    from lsr.export.prepare import prepare_export
+
+    source = section.get("source") or {}
+    if variant == "fp":
+        if not source.get("model"):
+            raise ValueError("the export does not record its source model (lsr.source.model)")
+        return load_model(source["model"])[0]
+    if source.get("refined"):
+        return prepare_export(source["refined"], check=False)[0].model
+    recipe = Recipe.from_dict(section["recipe"])
+    model, tokenizer = load_model(source["model"])
+    return prepare_export(model, recipe, tokenizer=tokenizer, check=False)[0].model

@@ -1,6 +1,7 @@
 """A recipe: the ordered steps that turn a float model into a W4A4 model, as small typed configs.
 
-    rotate -> smooth (statistics and init) -> learn -> quantize weights (rtn | gptq | gptaq); activations per token
+    rotate -> smooth (statistics and init) -> learn -> quantize weights (rtn | gptq | gptaq); activations per token;
+    optionally the KV cache (R3 on queries and keys, keys and values quantized per token per head)
 
 A step set to ``None`` is not run. Presets (quarot, smoothrot, quantile, lsr and their ``-gptq`` and ``-gptaq``
 variants) are named recipes, defined once in `PRESETS` and resolved by name with overrides (`Recipe.from_name`,
@@ -30,6 +31,7 @@ def _one_of(name: str, value: Any, choices: tuple) -> None:
 @dataclass(frozen=True)
 class RotateStep:
     """Fold the norms, then Hadamard rotations R1 (residual, random signs), R2 (per head), R4 (online, down_proj).
+    R3 (online, queries and keys after RoPE) belongs to the KV cache: `KVCacheStep.r3`.
 
     Args:
         seed: seed of R1's random signs.
@@ -206,6 +208,59 @@ class WeightStep:
         return self.spec
 
 
+@dataclass(frozen=True)
+class KVCacheStep:
+    """The KV cache (QuaRot): R3 on queries and keys after RoPE, then keys and values quantized per token per head.
+
+    Runs inside the attention of the fake-quant model (block pipeline, learning, GPTQ inputs and perplexity see it);
+    the INT4 export records it and its runtime stores the codes (`lsr.export.kv_cache.QuantizedKVCache`).
+
+    Args:
+        bits: 4 or 8 (any of 2-8), or 16 for a float cache (R3 alone; exact).
+        symmetric: ``False`` (QuaRot): ``scale = clip·(max − min) / (2^b − 1)`` with a uint zero point, the range
+            widened to hold 0; ``True``: ``scale = clip·max|x| / (2^(b-1) − 1)``.
+        group_size: ``None``: one scale (and zero point) per token per head, over head_dim values; else per group of
+            this many values inside a head (a divisor of head_dim).
+        clip_ratio: the range is shrunk by this factor before rounding (QuaRot runs 0.95 for KV4).
+        r3: online Hadamard of size head_dim on queries and keys after RoPE (exact: ``q·k`` unchanged); it spreads
+            the keys' outlier channels before they are quantized. Values are already rotated per head by R2.
+    """
+
+    bits: int = 4
+    symmetric: bool = False
+    group_size: int | None = None
+    clip_ratio: float = 0.95
+    r3: bool = True
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.bits, int) and (2 <= self.bits <= 8 or self.bits == 16), "kv_cache.bits", self.bits,
+               "an int in [2, 8], or 16 (float cache)")
+        _check(self.group_size is None or (isinstance(self.group_size, int) and self.group_size >= 1),
+               "kv_cache.group_size", self.group_size, "null (per head) or an int >= 1")
+        _check(0.0 < self.clip_ratio <= 1.0, "kv_cache.clip_ratio", self.clip_ratio, "a number in (0, 1]")
+        for name in ("symmetric", "r3"):
+            _check(isinstance(getattr(self, name), bool), f"kv_cache.{name}", getattr(self, name), "true or false")
+
+    @property
+    def quantizes(self) -> bool:
+        return self.bits <= 8
+
+    def spec(self, head_dim: int) -> QuantSpec | None:
+        """The quantizer of keys and values (``[..., head_dim]``), or None for a float cache."""
+        if not self.quantizes:
+            return None
+        group = self.group_size or head_dim
+        if head_dim % group:
+            raise ValueError(f"kv_cache.group_size={group} does not divide head_dim {head_dim}")
+        granularity = "token" if group == head_dim else "group"
+        return QuantSpec(self.bits, self.symmetric, granularity, group, self.clip_ratio)
+
+    @property
+    def label(self) -> str:
+        """``KV4``, ``KV8``, ``KV16`` (R3 noted when off)."""
+        return f"KV{self.bits}" + ("" if self.r3 else " (no R3)")
+
+
 def _default_act_spec() -> QuantSpec:
     return QuantSpec(bits=4, granularity="token", clip_ratio=0.9)  # QuaRot's activation clip
 
@@ -223,6 +278,7 @@ class Recipe:
         activations: the activation quantizer on every decoder linear's input (per token; clip 0.9 of the token's
             absmax by default, as QuaRot runs it; learned per quantizer from there with ``learn.act_clip``).
         inputs: block inputs for learning and GPTQ: from the ``quantized`` prefix of the model, or the ``fp`` chain.
+        kv_cache: R3 and the KV-cache quantizer (``None``: float cache, no R3, as before this step existed).
     """
 
     name: str = "custom"
@@ -232,10 +288,11 @@ class Recipe:
     weights: WeightStep = field(default_factory=WeightStep)
     activations: QuantSpec = field(default_factory=_default_act_spec)
     inputs: Literal["quantized", "fp"] = "quantized"
+    kv_cache: KVCacheStep | None = None
 
     def __post_init__(self) -> None:
         for name, kind in (("rotate", RotateStep), ("smooth", SmoothStep), ("learn", LearnStep),
-                           ("weights", WeightStep), ("activations", QuantSpec)):
+                           ("weights", WeightStep), ("activations", QuantSpec), ("kv_cache", KVCacheStep)):
             value = getattr(self, name)
             if isinstance(value, dict):
                 object.__setattr__(self, name, kind(**value))
@@ -263,15 +320,24 @@ class Recipe:
         return merge(PRESETS[name], overrides)
 
     def to_dict(self) -> dict:
+        """Plain data (recipe.json, exports, run fingerprints); without ``kv_cache`` when there is none, so recipes
+        without one read, write and fingerprint as they did before the step existed."""
         data = asdict(self)
         if data["smooth"] is not None:
             data["smooth"]["points"] = list(data["smooth"]["points"])
+        if data["kv_cache"] is None:
+            del data["kv_cache"]
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> Recipe:
         """Inverse of `to_dict`; unknown keys are refused with their names."""
         return _build(cls, data, "")
+
+
+STEP_TYPES: dict[str, type] = {"rotate": RotateStep, "smooth": SmoothStep, "learn": LearnStep, "weights": WeightStep,
+                               "activations": QuantSpec, "spec": QuantSpec, "gptq": GPTQOptions,
+                               "kv_cache": KVCacheStep}
 
 
 def _build(kind: type, data: Any, prefix: str) -> Any:
@@ -281,9 +347,7 @@ def _build(kind: type, data: Any, prefix: str) -> Any:
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ValueError(f"unknown recipe field {prefix}{unknown[0]!r}; {kind.__name__} has {', '.join(known)}")
-    step_types = {"rotate": RotateStep, "smooth": SmoothStep, "learn": LearnStep, "weights": WeightStep,
-                  "activations": QuantSpec, "spec": QuantSpec, "gptq": GPTQOptions}
-    values = {k: _build(step_types.get(k, type(None)), v, f"{prefix}{k}.") for k, v in data.items()}
+    values = {k: _build(STEP_TYPES.get(k, type(None)), v, f"{prefix}{k}.") for k, v in data.items()}
     if kind is QuantSpec:
         try:
             return kind(**values)
@@ -297,8 +361,6 @@ def merge(base: Any, overrides: dict) -> Any:
     dict for a step that is ``None`` in `base` starts from that step's defaults."""
     if not overrides:
         return base
-    step_types = {"rotate": RotateStep, "smooth": SmoothStep, "learn": LearnStep, "weights": WeightStep,
-                  "activations": QuantSpec, "spec": QuantSpec, "gptq": GPTQOptions}
     known = {f.name for f in fields(base)}
     changes = {}
     for key, value in overrides.items():
@@ -306,7 +368,7 @@ def merge(base: Any, overrides: dict) -> Any:
             raise ValueError(f"unknown recipe field {key!r}; {type(base).__name__} has {', '.join(sorted(known))}")
         current = getattr(base, key)
         if isinstance(value, dict):
-            start = current if current is not None else step_types[key]()
+            start = current if current is not None else STEP_TYPES[key]()
             value = merge(start, value)
         changes[key] = value
     return replace(base, **changes)

@@ -4,6 +4,9 @@
         --weights rtn gptq gptaq --eval-sources embedded-wiki python-stdlib --eval-windows 64 \
         --headline quarot:gptq lsr:gptq --seeds 0 1 2 --out benchmarks/compare_smollm2 [-- lsr fit overrides]
 
+A KV-cache setting given as an override (``-- --recipe.kv_cache.bits 4``) applies to every row (run directories get
+``-kv4``); run once per KV setting with its own ``--out`` for KV16 / KV8 / KV4 tables side by side.
+
 Rows: FP, then every recipe × weight method: the preset ``{recipe}-{method}`` where there is one, else
 ``Recipe.from_name(recipe, weights={"method": method})`` (the config's recipe, its overrides included, when it names
 that preset), fitted with `lsr.learn.fit` into
@@ -87,7 +90,25 @@ def recipe_for(base: str, method: str, seed: int, config_recipe: dict) -> Recipe
         recipe = merge(build_config(Recipe, config_recipe), {"weights": {"method": method}})
     else:
         recipe = Recipe.from_name(name, weights={"method": method})
+    if config_recipe.get("kv_cache") is not None:  # a KV-cache setting (-- --recipe.kv_cache.bits 4) applies to all
+        recipe = merge(recipe, {"kv_cache": config_recipe["kv_cache"]})
     return recipe if recipe.rotate is None else replace(recipe, rotate=replace(recipe.rotate, seed=seed))
+
+
+def recipe_settings(config_recipe: dict) -> dict:
+    """The config's recipe as the results' settings record it (without ``kv_cache`` when there is none, as results
+    written before the KV-cache step did: their rows stay reusable)."""
+    return {k: v for k, v in config_recipe.items() if not (k == "kv_cache" and v is None)}
+
+
+def kv_tag(recipe: Recipe) -> str:
+    """``""`` for a float cache, else ``-kv4`` (``sym``, ``g{group}``, ``c{clip}``, ``-nor3`` where not the
+    default): run directories of different KV settings never collide."""
+    kv = recipe.kv_cache
+    if kv is None:
+        return ""
+    tag = f"-kv{kv.bits}" + ("sym" if kv.symmetric else "") + (f"g{kv.group_size}" if kv.group_size else "")
+    return tag + (f"c{kv.clip_ratio:g}" if kv.clip_ratio != 0.95 else "") + ("" if kv.r3 else "-nor3")
 
 
 def key_of(row: dict) -> Key:
@@ -117,7 +138,7 @@ def run_row(key: Key, cfg: dict, model: ModelConfig, data: DataConfig, trainer: 
     row: dict[str, Any] = {"recipe": base, "weights": method, "seed": seed}
     try:
         recipe = recipe_for(base, method, seed, cfg["recipe"])
-        run_dir = runs / f"{base}-{method}-s{seed}"
+        run_dir = runs / f"{base}-{method}-s{seed}{kv_tag(recipe)}"
         row["run"] = str(run_dir)
         done = load_checkpoint(run_dir).completed_blocks if is_checkpoint(run_dir) else 0
         start = time.perf_counter()
@@ -198,9 +219,15 @@ def render(doc: dict) -> str:
         if key_of(r) != FP:
             groups.setdefault((r["recipe"], r["weights"]), []).append(r)
     data = s["data"]
+    kv = s["recipe"].get("kv_cache")
+    kv_text = "KV cache in float (KV16)" if kv is None else (
+        f"KV{kv['bits']} cache ({'symmetric' if kv['symmetric'] else 'asymmetric'}, per token per "
+        f"{'head' if kv['group_size'] is None else str(kv['group_size']) + ' values'}, clip {kv['clip_ratio']}, "
+        f"{'with' if kv['r3'] else 'without'} R3)")
     lines = [
         f"model: {s['model']['name']} ({s['model']['dtype']}); W4A4 (weights 4-bit per output channel, activations "
-        f"4-bit per token on every linear input); calibration: {data['num_calibration']}×{data['seq_len']} windows "
+        f"4-bit per token on every linear input); {kv_text}; calibration: {data['num_calibration']}×{data['seq_len']} "
+        "windows "
         f"of {data['source']}; eval: {s['eval_windows'] or 'all'}×{data['seq_len']} windows of each source; threads: "
         f"{s['threads']}; Python {s['python']}, torch {s['torch']}; extra args: {' '.join(s['extra']) or 'none'}",
         "",
@@ -268,7 +295,7 @@ def main() -> None:
     model, data = build_config(ModelConfig, cfg["model"]), build_config(DataConfig, cfg["data"])
     n_windows = args.eval_windows or data.max_eval_windows
     settings = json.loads(json.dumps({
-        "config": args.config, "model": asdict(model), "data": asdict(data), "recipe": cfg["recipe"],
+        "config": args.config, "model": asdict(model), "data": asdict(data), "recipe": recipe_settings(cfg["recipe"]),
         "batch_size": cfg["batch_size"], "threads": torch.get_num_threads(), "eval_sources": args.eval_sources,
         "eval_windows": n_windows, "python": platform.python_version(), "torch": torch.__version__, "extra": rest,
     }))

@@ -24,9 +24,10 @@ from lsr.quant.rtn import QuantSpec
 
 # 2: activation_quantization.clip_ratio (1 reads as clip 1.0); 3: activation_quantization.clip_ratios, learned
 # clips per linear (module name -> clip) overriding clip_ratio; 4: the online R4 matrix stored as a tensor
-# (`lsr.export.r4`, required), `scheme` (w4a4 / w4a16 / w4a8; older formats are w4a4)
+# (`lsr.export.r4`, required), `scheme` (w4a4 / w4a16 / w4a8; older formats are w4a4); 5: a kv_cache entry (R3,
+# KV-cache quantizer; written only when the recipe has one, see lsr.export.kv_format)
 FORMAT_VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 R4_TENSOR_SINCE = 4
 WEIGHTS_FILE = "model.safetensors"
 PACK_FORMAT = "pack-quantized"

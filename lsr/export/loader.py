@@ -17,6 +17,8 @@ from safetensors import safe_open
 from torch import nn
 
 from lsr.export import format as fmt
+from lsr.export import kv_format
+from lsr.export.kv_format import attach_kv
 from lsr.export.quantized_linear import Int8Embedding, Int8WeightLinear, QuantizedLinear
 from lsr.export.r4 import R4_GROUP, R4_LOCATION, check_r4_tensor
 from lsr.export.writer import sha256_file
@@ -145,13 +147,16 @@ def r4_tensors(section: dict) -> dict[str, tuple[str, int]]:
 
 
 def check_transform_config(section: dict, transform_config: dict | None) -> None:
-    """Format 4: the ``transform_config`` consumers read is the R4 lsr runs (``hadamard`` only for a power of two)."""
+    """Format 4: the ``transform_config`` consumers read is the R4 lsr runs (``hadamard`` only for a power of two),
+    plus R3 where the export has a ``kv_cache`` entry with it."""
     if section["format_version"] < fmt.R4_TENSOR_SINCE:
         return
     sizes = sorted({int(t["size"]) for t in fmt.online_hadamard_targets(section)})
     if len(sizes) != 1:
         raise ValueError(f"config.json: lsr section records online R4 sizes {sizes}, expected exactly one")
-    expected = fmt.r4_transform_config(sizes[0]).model_dump(mode="json")
+    kv = section.get("kv_cache") or {}
+    r3_head_dim = kv.get("head_dim") if kv.get("r3") else None
+    expected = kv_format.transform_config(sizes[0], r3_head_dim).model_dump(mode="json")
     if transform_config != expected:
         raise ValueError(f"config.json: quantization_config.transform_config is not the R4 of size {sizes[0]} this "
                          f"export runs (expected {expected})")
@@ -211,9 +216,11 @@ def load_quantized(
     `backend` (``auto`` | ``reference`` | ``triton`` | ``fp8``) goes to every `QuantizedLinear` (switch later with
     `lsr.export.quantized_linear.set_backend`), and so does each linear's activation clip ratio (learned, or the
     section's; absent: 1);
-    `dtype` is the compute dtype of the non-quantized parts (embeddings, norms, attention). Raises ValueError with the
-    offending file or tensor when the directory is truncated, corrupt, or inconsistent with its config.json, and
-    when a format-4 export lacks the stored R4 matrix or holds another one (what vLLM would multiply by).
+    `dtype` is the compute dtype of the non-quantized parts (embeddings, norms, attention). An export with a
+    ``kv_cache`` entry gets R3 and its key/value quantizer in every attention (fake-quantized without a cache, stored
+    as codes in a `lsr.export.kv_cache.QuantizedKVCache`). Raises ValueError with the offending file or tensor when
+    the directory is truncated, corrupt, or inconsistent with its config.json, and when a format-4 export lacks the
+    stored R4 matrix or holds another one (what vLLM would multiply by).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
@@ -227,6 +234,8 @@ def load_quantized(
     decoder = set(adapter.decoder_linears(model))
     scheme = decoder_scheme_of(section, roles, decoder)
     act_clips = _act_clips(section, decoder, scheme)
+    if section.get("kv_cache"):  # its own errors first: the transform check below builds R3 from it
+        kv_format.read_kv_section(section["kv_cache"], adapter.head_dims(model)[2])
     check_transform_config(section, transform_config)
     expected = fmt.expected_tensors(model, roles)
     stored_r4 = r4_tensors(section)
@@ -263,6 +272,7 @@ def load_quantized(
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise ValueError(f"tensor {left[0]} was not loaded ({len(left)} in all)")
+    attach_kv(model, section)
     model.to(device).eval().requires_grad_(False)
     model.lsr_export = section
     return model

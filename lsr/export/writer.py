@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lsr.export import format as fmt
+from lsr.export import kv_format
 from lsr.export.config import ExportConfig
 from lsr.export.r4 import r4_owners, r4_tensor, r4_tensor_name
 from lsr.hadamard import decompose
@@ -133,12 +134,18 @@ def quantization_config(prepared: QuantizedModel, config: ExportConfig) -> dict:
         config_groups=groups, format=fmt.PACK_FORMAT, quantization_status="compressed", ignore=ignore
     )
     down = adapter.layers(model)[0].get_submodule(adapter.mapping.online_hadamard)
-    return {
+    kv, (_, _, head_dim) = prepared.recipe.kv_cache, adapter.head_dims(model)
+    transforms = kv_format.transform_config(down.in_features, head_dim if kv is not None and kv.r3 else None)
+    out = {
         "version": compressed_tensors.__version__,
         "sparsity_config": {},
-        "transform_config": fmt.r4_transform_config(down.in_features).model_dump(mode="json"),
+        "transform_config": transforms.model_dump(mode="json"),
         **qconfig.model_dump(mode="json"),
     }
+    kv_scheme = kv_format.kv_cache_scheme(kv, head_dim)
+    if kv_scheme is not None:
+        out["kv_cache_scheme"] = kv_scheme
+    return out
 
 
 def lsr_section(prepared: QuantizedModel, config: ExportConfig) -> dict:
@@ -159,8 +166,9 @@ def lsr_section(prepared: QuantizedModel, config: ExportConfig) -> dict:
     names = {id(mod): n for n, mod in model.named_modules()}
     embed_mode = "int8 per row" if config.embeddings_8bit else config.storage_dtype
     head_mode = "int8 per output channel" if config.embeddings_8bit else config.storage_dtype
+    kv = kv_format.kv_section(prepared.recipe.kv_cache, adapter.head_dims(model)[2])
     return {
-        "format_version": fmt.FORMAT_VERSION,
+        "format_version": fmt.FORMAT_VERSION if kv is None else kv_format.FORMAT_VERSION,
         "source": prepared.source,
         "recipe": prepared.recipe.to_dict(),
         "weight_quantizer": quantizer,
@@ -171,6 +179,7 @@ def lsr_section(prepared: QuantizedModel, config: ExportConfig) -> dict:
         "online_transforms": transforms,
         "unquantized": {names[id(adapter.embeddings(model))]: embed_mode, names[id(adapter.lm_head(model))]: head_mode,
                         "norms and biases": "float32"},
+        **({"kv_cache": kv} if kv is not None else {}),
     }
 
 

@@ -44,7 +44,8 @@ class ArchitectureMapping:
     lm_head: str = "lm_head"
     layers: str = "model.layers"
     rotary_embedding: str = "model.rotary_emb"
-    # Inside one decoder block, in data-flow order.
+    # Inside one decoder block: the attention (R3 and the KV cache live in it), then the linears in data-flow order.
+    attention: str = "self_attn"
     linears: tuple[str, ...] = (
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",

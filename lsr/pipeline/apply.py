@@ -22,6 +22,7 @@ from lsr.pipeline.smooth import FoldScales, SmoothInit
 from lsr.pipeline.weights import QuantizeWeights, rtn_weight, set_quantized
 from lsr.quant.weights import QuantizedWeight
 from lsr.recipe import Recipe
+from lsr.transforms.attention import to_qattention
 from lsr.transforms.linear import set_quantizers
 from lsr.transforms.prepare import to_qlinears
 from lsr.transforms.rotate import rotate_model
@@ -44,11 +45,16 @@ def needs_calibration(recipe: Recipe) -> bool:
 
 
 def prepare_model(model: nn.Module, recipe: Recipe) -> nn.Module:
-    """The exact float transforms of the recipe: rotations (``rotate``), then QLinears everywhere (in place)."""
+    """The exact float transforms of the recipe: rotations (``rotate``), then QLinears everywhere, and with a
+    ``kv_cache`` step QAttentions holding R3 and the (inactive until `set_quantizers`) KV quantizer (in place)."""
     if recipe.rotate is not None:
         rotate_model(model, seed=recipe.rotate.seed)
         del model.config.lsr_rotation
-    return to_qlinears(model)
+    to_qlinears(model)
+    if recipe.kv_cache is not None:
+        _, _, head_dim = adapter_for(model).head_dims(model)
+        to_qattention(model, r3=recipe.kv_cache.r3, kv_quant=recipe.kv_cache.spec(head_dim))
+    return model
 
 
 def recipe_hooks(recipe: Recipe, learner: BlockHook | None = None, *, linear_errors: bool = True) -> list[BlockHook]:

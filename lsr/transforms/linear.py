@@ -13,6 +13,7 @@ from torch import nn
 
 from lsr.hadamard import hadamard_transform
 from lsr.quant.rtn import QuantSpec, fake_quantize
+from lsr.transforms.attention import qattentions
 
 
 class QLinear(nn.Linear):
@@ -81,9 +82,12 @@ def qlinears(module: nn.Module) -> list[QLinear]:
 
 
 def set_quantizers(module: nn.Module, act: QuantSpec | None, weight: QuantSpec | None) -> None:
-    """Set the fake quantizers of every QLinear inside `module`."""
+    """Set the fake quantizers of every QLinear inside `module`; the KV-cache quantizers of its `QAttention`s (their
+    spec fixed by the recipe) run while activations are quantized (`act` set)."""
     for linear in qlinears(module):
         linear.act_quant, linear.weight_quant = act, weight
+    for attention in qattentions(module):
+        attention.kv_active = act is not None
 
 
 def replace_module(root: nn.Module, name: str, module: nn.Module) -> None:
