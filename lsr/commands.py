@@ -129,9 +129,9 @@ def eval(cfg: dict, *, data: DataConfig, **_) -> dict:  # noqa: A001 - the subco
         windows = data.eval_windows(tokenizer)
         start = time.perf_counter()
         ppl = perplexity(model, windows, batch_size=data.batch_size, device=cfg["device"], log=print)
-        results["perplexity"] = {"value": ppl, "source": data.source, "seq_len": data.seq_len,
+        results["perplexity"] = {"value": ppl, "source": data.evaluated_source, "seq_len": data.seq_len,
                                  "windows": int(windows.shape[0])}
-        print(f"perplexity {ppl:.4f} on {windows.shape[0]} x {data.seq_len} tokens of {data.source} "
+        print(f"perplexity {ppl:.4f} on {windows.shape[0]} x {data.seq_len} tokens of {data.evaluated_source} "
               f"({time.perf_counter() - start:.1f}s)")
     tasks = [t for t in cfg["tasks"].split(",") if t]
     if tasks:

@@ -166,6 +166,11 @@ def run_row(key: Key, cfg: dict, model: ModelConfig, data: DataConfig, trainer: 
     return row
 
 
+def calibration_settings(data: DataConfig) -> dict:
+    """The data settings of a run (evaluation texts are ``eval_sources``; ``eval_source`` is not used here)."""
+    return {k: v for k, v in asdict(data).items() if k != "eval_source"}
+
+
 def previous_rows(path: Path, settings: dict) -> dict[Key, dict]:
     """Rows of an earlier run with identical settings; an earlier file with other settings is kept as .old."""
     if not path.is_file():
@@ -295,13 +300,14 @@ def main() -> None:
     model, data = build_config(ModelConfig, cfg["model"]), build_config(DataConfig, cfg["data"])
     n_windows = args.eval_windows or data.max_eval_windows
     settings = json.loads(json.dumps({
-        "config": args.config, "model": asdict(model), "data": asdict(data), "recipe": recipe_settings(cfg["recipe"]),
+        "config": args.config, "model": asdict(model), "data": calibration_settings(data),
+        "recipe": recipe_settings(cfg["recipe"]),
         "batch_size": cfg["batch_size"], "threads": torch.get_num_threads(), "eval_sources": args.eval_sources,
         "eval_windows": n_windows, "python": platform.python_version(), "torch": torch.__version__, "extra": rest,
     }))
     rows = previous_rows(json_path, settings)
     tokenizer = load_tokenizer(model.name)
-    windows = {src: replace(data, source=src, max_eval_windows=n_windows).eval_windows(tokenizer)
+    windows = {src: replace(data, eval_source=src, max_eval_windows=n_windows).eval_windows(tokenizer)
                for src in args.eval_sources}
     trainer = trainer_kwargs(cfg)
     order = plan(args)

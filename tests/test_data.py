@@ -247,3 +247,51 @@ def test_python_stdlib_is_eval_only_source_code(tok, tmp_path):
     with pytest.raises(ValueError, match=message):
         data.calibration_windows(tok)
     assert platform.python_version() in source_fingerprint("python-stdlib")
+
+
+# --- embedded-wiki-chat and eval_source ------------------------------------------------------------
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}")
+
+
+def test_chat_source_renders_the_wiki_articles_with_the_chat_template(tok, tmp_path):
+    from lsr.data.sources import CHAT_QUESTIONS, embedded_wiki_conversations
+    from lsr.data.windows import source_documents
+
+    articles = embedded_wiki_articles("train")
+    conversations = embedded_wiki_conversations("train")
+    assert len(conversations) == len(articles)
+    for (title, text), (user, assistant) in zip(articles[:50], conversations[:50], strict=True):
+        assert user["role"] == "user" and user["content"] in {q.format(title) for q in CHAT_QUESTIONS}
+        assert assistant == {"role": "assistant", "content": text}
+    used = {q for (title, _), c in zip(articles[:200], conversations[:200], strict=True) for q in CHAT_QUESTIONS
+            if q.format(title) == c[0]["content"]}
+    assert used == set(CHAT_QUESTIONS)  # every question form is used
+    with pytest.raises(ValueError, match="needs a tokenizer with a chat template"):
+        source_documents(tok, "embedded-wiki-chat", "train")
+    tok.chat_template = CHATML
+    try:
+        docs = source_documents(tok, "embedded-wiki-chat", "eval")
+        (title, text), question = embedded_wiki_articles("eval")[0], embedded_wiki_conversations("eval")[0][0]
+        expected = f"<|im_start|>user\n{question['content']}<|im_end|>\n<|im_start|>assistant\n{text}<|im_end|>\n"
+        assert docs[0] == expected
+        assert title in question["content"]
+    finally:
+        tok.chat_template = None
+
+
+def test_eval_source_evaluates_another_text_than_the_calibration(tok, corpus, tmp_path):
+    path, _ = corpus
+    cache = str(tmp_path / "c")
+    calib_on_file = DataConfig(source=str(path), eval_source="python-stdlib", seq_len=8, num_calibration=2,
+                               max_eval_windows=3, cache_dir=cache)
+    assert torch.equal(calib_on_file.calibration_windows(tok),
+                       DataConfig(source=str(path), seq_len=8, num_calibration=2, cache_dir=cache)
+                       .calibration_windows(tok))
+    assert torch.equal(calib_on_file.eval_windows(tok),
+                       DataConfig(source="python-stdlib", seq_len=8, max_eval_windows=3, cache_dir=cache)
+                       .eval_windows(tok))
+    assert calib_on_file.describe().endswith("windows of python-stdlib)")
+    assert calib_on_file.evaluated_source == "python-stdlib"
+    assert DataConfig(source=str(path)).evaluated_source == str(path)

