@@ -2,12 +2,13 @@
 
     python scripts/chat_compare.py --model smollm2 \
         --exports runs/compare/quarot-gptq-s0/int4 runs/compare/lsr-gptq-s0/int4 \
-        --prompt "What is the capital of France?" --max-new-tokens 32 --out benchmarks/chat_smollm2.md
+        --prompts "What is the capital of France?" "Name three primary colors." --max-new-tokens 32 \
+        --labels "QuaRot + GPTQ" "lsr + GPTQ" --out benchmarks/chat_smollm2.md
 
 The prompt goes through each tokenizer's chat template (``add_generation_prompt=True``); decoding is greedy
 (``do_sample=False``) with HF ``generate`` and its KV cache, which the INT4 model supports as is: its decoder linears
 quantize activations per token, so a cached step computes what a full forward would. Prints and writes a markdown
-table: model | answer.
+table: one row per model, one column per prompt.
 """
 
 from __future__ import annotations
@@ -42,13 +43,13 @@ def export_label(path: str, model: torch.nn.Module) -> str:
     return f"INT4 {path} ({recipe}, {weights})"
 
 
-def markdown(prompt: str, max_new_tokens: int, answers: list[tuple[str, str]]) -> str:
+def markdown(prompts: list[str], max_new_tokens: int, answers: list[tuple[str, list[str]]]) -> str:
     def escape(text: str) -> str:
         return text.replace("|", "\\|").replace("\n", "<br>")
 
-    lines = [f"prompt: {prompt!r} (chat template, greedy, at most {max_new_tokens} new tokens)", "",
-             "| model | answer |", "|---|---|"]
-    lines += [f"| {escape(name)} | {escape(text)} |" for name, text in answers]
+    lines = [f"Chat template, greedy, at most {max_new_tokens} new tokens.", "",
+             "| model | " + " | ".join(escape(p) for p in prompts) + " |", "|---|" + "---|" * len(prompts)]
+    lines += [f"| {escape(name)} | " + " | ".join(escape(t) for t in texts) + " |" for name, texts in answers]
     return "\n".join(lines)
 
 
@@ -56,25 +57,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2", help="the FP model (hub id, local directory or smollm2)")
     parser.add_argument("--exports", nargs="*", default=[], help="directories written by lsr export / lsr run")
-    parser.add_argument("--prompt", default="What is the capital of France?")
+    parser.add_argument("--prompts", nargs="+", default=["What is the capital of France?"])
+    parser.add_argument("--labels", nargs="*", default=[], help="names of the exports' rows (default: path, recipe)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--out", default=None, help="write the markdown table here")
     args = parser.parse_args()
 
     answers = []
-    candidates = [("FP " + args.model, None), *((path, path) for path in args.exports)]
+    if args.labels and len(args.labels) != len(args.exports):
+        parser.error("--labels: one per export")
+    labels = args.labels or [None] * len(args.exports)
+    candidates = [("FP " + args.model, None), *zip(labels, args.exports, strict=True)]
     for name, path in candidates:
         start = time.perf_counter()
         if path is None:
             model, tokenizer = load_model(args.model)
         else:
             model, tokenizer = load_quantized(path, backend="reference"), load_tokenizer(path)
-            name = export_label(path, model)
-        text = answer(model, tokenizer, args.prompt, args.max_new_tokens)
-        print(f"{name} ({time.perf_counter() - start:.0f}s): {text}", flush=True)
-        answers.append((name, text))
+            name = name or export_label(path, model)
+        texts = [answer(model, tokenizer, prompt, args.max_new_tokens) for prompt in args.prompts]
+        print(f"{name} ({time.perf_counter() - start:.0f}s): {texts}", flush=True)
+        answers.append((name, texts))
         del model
-    table = markdown(args.prompt, args.max_new_tokens, answers)
+    table = markdown(args.prompts, args.max_new_tokens, answers)
     print("\n" + table)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
