@@ -17,7 +17,6 @@ from torch import nn
 
 from lsr.export import format as fmt
 from lsr.hadamard import decompose
-from lsr.models.adapter import adapter_for
 from lsr.quant.kv import SCALE_DTYPE
 from lsr.quant.rtn import QuantSpec
 from lsr.recipe import KVCacheStep
@@ -97,11 +96,10 @@ def read_kv_section(entry: dict, head_dim: int) -> tuple[bool, QuantSpec | None]
     return step.r3, spec
 
 
-def attach_kv(model: nn.Module, section: dict) -> nn.Module:
-    """Give a loaded model the export's R3 and KV quantizer (always on: the runtime quantizes); no-op without."""
-    entry = section.get("kv_cache")
-    if entry:
-        _, _, head_dim = adapter_for(model).head_dims(model)
-        r3, spec = read_kv_section(entry, head_dim)
+def attach_kv(model: nn.Module, kv: tuple[bool, QuantSpec | None] | None) -> nn.Module:
+    """Give a loaded model the export's R3 and KV quantizer (`read_kv_section`'s result; always on: the runtime
+    quantizes); no-op for None (an export without a ``kv_cache`` entry)."""
+    if kv is not None:
+        r3, spec = kv
         to_qattention(model, r3=r3, kv_quant=spec, active=True)
     return model

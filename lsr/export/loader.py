@@ -234,8 +234,9 @@ def load_quantized(
     decoder = set(adapter.decoder_linears(model))
     scheme = decoder_scheme_of(section, roles, decoder)
     act_clips = _act_clips(section, decoder, scheme)
-    if section.get("kv_cache"):  # its own errors first: the transform check below builds R3 from it
-        kv_format.read_kv_section(section["kv_cache"], adapter.head_dims(model)[2])
+    # read (and checked) once, before the transform check, which builds R3 from it
+    entry = section.get("kv_cache")
+    kv = kv_format.read_kv_section(entry, adapter.head_dims(model)[2]) if entry else None
     check_transform_config(section, transform_config)
     expected = fmt.expected_tensors(model, roles)
     stored_r4 = r4_tensors(section)
@@ -272,7 +273,7 @@ def load_quantized(
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise ValueError(f"tensor {left[0]} was not loaded ({len(left)} in all)")
-    attach_kv(model, section)
+    attach_kv(model, kv)
     model.to(device).eval().requires_grad_(False)
     model.lsr_export = section
     return model
