@@ -1,4 +1,4 @@
-"""One chat prompt answered greedily by the FP model and by INT4 exports (reloaded with the reference backend).
+"""Chat prompts answered greedily by the FP model and by INT4 exports (reloaded with the reference backend).
 
     python scripts/chat_compare.py --model smollm2 \
         --exports runs/compare/quarot-gptq-s0/int4 runs/compare/lsr-gptq-s0/int4 \
@@ -20,20 +20,15 @@ from pathlib import Path
 import torch
 
 from lsr.export import load_quantized
+from lsr.generation import generate
 from lsr.models import load_tokenizer
 from lsr.models.loading import load_model
 
 
 def answer(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int) -> str:
-    """The greedy reply of `model` to `prompt` as the user's turn of a chat."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
-    inputs = tokenizer(text, add_special_tokens=False, return_tensors="pt")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
-                             top_k=None, pad_token_id=pad)
-    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    """The greedy reply of `model` to `prompt` as the user's turn of a chat (`lsr.generation.generate`, which also
+    gives a model that quantizes its KV cache a `QuantizedKVCache`)."""
+    return generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens, echo=False).text.strip()
 
 
 def export_label(path: str, model: torch.nn.Module) -> str:
