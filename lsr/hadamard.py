@@ -93,10 +93,19 @@ def hadamard_signs(n: int, *, dtype: torch.dtype = torch.float64, device: torch.
     return torch.kron(base, _sylvester_pm1(2**k).to(dtype=dtype, device=device)) if k else base.clone()
 
 
-def hadamard_matrix(n: int, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
-                    ) -> torch.Tensor:
-    """Orthonormal Hadamard matrix ``(H_m ⊗ S_{2^k}) / sqrt(n)`` with entries ``±1/sqrt(n)``."""
+def hadamard_matrix(n: int, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                    block: int | None = None) -> torch.Tensor:
+    """Orthonormal Hadamard matrix ``(H_m ⊗ S_{2^k}) / sqrt(n)`` with entries ``±1/sqrt(n)``; with ``block``, the
+    block-diagonal ``I_{n/block} ⊗ H_block`` (see :func:`hadamard_transform`)."""
+    if block is not None and block != n:
+        _check_block(n, block)
+        return torch.block_diag(*[hadamard_matrix(block, dtype=dtype, device=device)] * (n // block))
     return hadamard_signs(n).mul_(1.0 / math.sqrt(n)).to(dtype=dtype, device=device)
+
+
+def _check_block(n: int, block: int) -> None:
+    if block <= 0 or n % block:
+        raise ValueError(f"a Hadamard block of {block} does not divide the size {n}")
 
 
 def random_hadamard_matrix(n: int, seed: int, *, dtype: torch.dtype = torch.float32,
@@ -141,15 +150,20 @@ def _power_of_two_transform(x: torch.Tensor) -> torch.Tensor:
     return _butterfly(x)
 
 
-def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
+def hadamard_transform(x: torch.Tensor, block: int | None = None) -> torch.Tensor:
     """``x @ hadamard_matrix(n)`` over the last dimension ``n`` in O(n log n); keeps ``x.dtype``.
 
+    ``block``: the block-diagonal ``I_{n/block} ⊗ H_block`` instead (each run of ``block`` channels rotated on its
+    own; what compressed-tensors calls ``head_dim``); ``None`` or ``n``: one Hadamard of the whole dimension.
     fp16/bf16 inputs are computed in float32. Differentiable (pure torch ops, or the autograd-aware
     ``fast_hadamard_transform`` kernel on CUDA).
     """
     if not x.is_floating_point():
         raise TypeError(f"hadamard_transform needs a floating-point tensor, got {x.dtype}")
     n = x.shape[-1]
+    if block is not None and block != n:
+        _check_block(n, block)
+        return hadamard_transform(x.unflatten(-1, (n // block, block))).flatten(-2)
     m, k = decompose(n)
     compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     y = x.to(compute).reshape(*x.shape[:-1], m, 2**k)  # row index = a * 2**k + b, as in the Kronecker product

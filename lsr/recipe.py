@@ -35,9 +35,18 @@ class RotateStep:
 
     Args:
         seed: seed of R1's random signs.
+        r4: ``full``: one Hadamard of down_proj's whole input, ``H_m ⊗ S_2^k`` (m > 1 for sizes such as 14336 =
+            7·2^11: a dense n × n product in vLLM); ``block-diagonal``: ``I_m ⊗ H_2^k`` with 2^k the largest power
+            of two dividing n, applied to each run of 2^k channels (vLLM's fast HadaCore kernel; mixes fewer
+            channels).
+            The same for a power-of-two size.
     """
 
     seed: int = 0
+    r4: Literal["full", "block-diagonal"] = "full"
+
+    def __post_init__(self) -> None:
+        _one_of("rotate.r4", self.r4, ("full", "block-diagonal"))
 
 
 @dataclass(frozen=True)

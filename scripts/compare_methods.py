@@ -5,7 +5,8 @@
         --headline quarot:gptq lsr:gptq --seeds 0 1 2 --out benchmarks/compare_smollm2 [-- lsr fit overrides]
 
 A KV-cache setting given as an override (``-- --recipe.kv_cache.bits 4``) applies to every row (run directories get
-``-kv4``); run once per KV setting with its own ``--out`` for KV16 / KV8 / KV4 tables side by side.
+``-kv4``), and so does the R4 layout (``-- --recipe.rotate.r4 block-diagonal``: ``-r4block``); run once per setting
+with its own ``--out`` for KV16 / KV8 / KV4 (or R4) tables side by side.
 
 Rows: FP, then every recipe × weight method: the preset ``{recipe}-{method}`` where there is one, else
 ``Recipe.from_name(recipe, weights={"method": method})`` (the config's recipe, its overrides included, when it names
@@ -92,7 +93,10 @@ def recipe_for(base: str, method: str, seed: int, config_recipe: dict) -> Recipe
         recipe = Recipe.from_name(name, weights={"method": method})
     if config_recipe.get("kv_cache") is not None:  # a KV-cache setting (-- --recipe.kv_cache.bits 4) applies to all
         recipe = merge(recipe, {"kv_cache": config_recipe["kv_cache"]})
-    return recipe if recipe.rotate is None else replace(recipe, rotate=replace(recipe.rotate, seed=seed))
+    if recipe.rotate is None:
+        return recipe
+    r4 = (config_recipe.get("rotate") or {}).get("r4", recipe.rotate.r4)  # so does the R4 layout
+    return replace(recipe, rotate=replace(recipe.rotate, seed=seed, r4=r4))
 
 
 def recipe_settings(config_recipe: dict) -> dict:
@@ -101,13 +105,14 @@ def recipe_settings(config_recipe: dict) -> dict:
     return {k: v for k, v in config_recipe.items() if not (k == "kv_cache" and v is None)}
 
 
-def kv_tag(recipe: Recipe) -> str:
-    """``""`` for a float cache, else ``-kv4`` (``sym``, ``g{group}``, ``c{clip}``, ``-nor3`` where not the
-    default): run directories of different KV settings never collide."""
+def run_tag(recipe: Recipe) -> str:
+    """``""`` for a float cache and a full R4, else ``-kv4`` (``sym``, ``g{group}``, ``c{clip}``, ``-nor3`` where
+    not the default) and ``-r4block``: run directories of different settings never collide."""
     kv = recipe.kv_cache
+    tag = "-r4block" if recipe.rotate is not None and recipe.rotate.r4 == "block-diagonal" else ""
     if kv is None:
-        return ""
-    tag = f"-kv{kv.bits}" + ("sym" if kv.symmetric else "") + (f"g{kv.group_size}" if kv.group_size else "")
+        return tag
+    tag += f"-kv{kv.bits}" + ("sym" if kv.symmetric else "") + (f"g{kv.group_size}" if kv.group_size else "")
     return tag + (f"c{kv.clip_ratio:g}" if kv.clip_ratio != 0.95 else "") + ("" if kv.r3 else "-nor3")
 
 
@@ -138,7 +143,7 @@ def run_row(key: Key, cfg: dict, model: ModelConfig, data: DataConfig, trainer: 
     row: dict[str, Any] = {"recipe": base, "weights": method, "seed": seed}
     try:
         recipe = recipe_for(base, method, seed, cfg["recipe"])
-        run_dir = runs / f"{base}-{method}-s{seed}{kv_tag(recipe)}"
+        run_dir = runs / f"{base}-{method}-s{seed}{run_tag(recipe)}"
         row["run"] = str(run_dir)
         done = load_checkpoint(run_dir).completed_blocks if is_checkpoint(run_dir) else 0
         start = time.perf_counter()

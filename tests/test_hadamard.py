@@ -120,6 +120,18 @@ def test_transform_matches_matmul_float32(n: int) -> None:
     torch.testing.assert_close(hadamard_transform(x1), x1 @ hadamard_matrix(n), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(("n", "block"), [(80, 4), (96, 32), (1536, 512), (48, 12)])
+def test_block_diagonal_transform_is_kron_identity_hadamard(n: int, block: int) -> None:
+    x = torch.randn(3, n, dtype=F64)
+    h = hadamard_matrix(n, dtype=F64, block=block)
+    expected = torch.kron(torch.eye(n // block, dtype=F64), hadamard_matrix(block, dtype=F64))
+    assert torch.equal(h, expected)
+    torch.testing.assert_close(hadamard_transform(x, block), x @ expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(hadamard_transform(x, n), hadamard_transform(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="does not divide"):
+        hadamard_transform(x, n + 1)
+
+
 def test_transform_is_inverse_of_transpose() -> None:
     n = 20 * 8  # Paley I base is not symmetric: checks the transpose convention
     x = torch.randn(4, n, dtype=F64)

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from lsr.models import adapter_for
+from lsr.recipe import Recipe
 from lsr.transforms import QLinear, fold_norms, rotate_model
+from lsr.transforms.rotate import r4_block
 from tests.conftest import tiny_model
 
 
@@ -35,6 +37,23 @@ def test_rotated_model_matches_original(tiny, tiny_ids):
         assert tiny.lm_head.weight is not tiny.model.embed_tokens.weight
     for layer in tiny.model.layers:
         assert isinstance(layer.mlp.down_proj, QLinear) and layer.mlp.down_proj.online_hadamard
+
+
+@torch.no_grad()
+def test_block_diagonal_r4_is_exact_and_mixes_within_blocks_only(tiny, tiny_ids):
+    ref = tiny(tiny_ids).logits
+    rotate_model(tiny, seed=3, r4="block-diagonal")
+    assert _rel_logit_error(ref, tiny(tiny_ids).logits) <= 1e-5
+    k = tiny.config.intermediate_size  # 80 = 5 · 2^4 (tiny): 5 blocks of 16
+    down = tiny.model.layers[0].mlp.down_proj
+    assert down.online_hadamard and down.hadamard_block == r4_block(k, "block-diagonal") == 16
+    x = torch.zeros(1, k)
+    x[0, 21] = 1.0
+    assert torch.nonzero(down.rotate_input(x)[0]).flatten().tolist() == list(range(16, 32))
+    assert r4_block(k, "full") is None and r4_block(64, "block-diagonal") is None  # a power of two: one Hadamard
+    assert r4_block(1536, "block-diagonal") == 512 and r4_block(14336, "block-diagonal") == 2048
+    with pytest.raises(ValueError, match="r4='blocks'"):
+        Recipe.from_name("quarot", rotate={"r4": "blocks"})
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ from lsr.export.quantized_linear import QuantizedLinear
 from lsr.export.vllm_contract import check_vllm_contract, vllm_scheme
 from lsr.export.writer import sha256_file
 from lsr.hadamard import hadamard_transform
+from lsr.recipe import Recipe
 from tests.conftest import TINY, tiny_model
 from tests.ct_consumer import load_with_compressed_tensors, online_only
 from tests.test_export import CALIB, IDS, as_old_format
@@ -39,10 +40,13 @@ def tiny_pow2() -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def prepared():
-    """quarot-gptq applied once to each tiny kind; every scheme is written from the same prepared model."""
-    return {kind: prepare_export(tiny_model(kind) if kind != "pow2" else tiny_pow2(), "quarot-gptq",
-                                 calibration=CALIB)
-            for kind in ("llama", "qwen2", "pow2")}
+    """quarot-gptq applied once to each tiny kind (``block``: LLaMA with the block-diagonal R4); every scheme is
+    written from the same prepared model."""
+    models = {"llama": tiny_model("llama"), "qwen2": tiny_model("qwen2"), "pow2": tiny_pow2(),
+              "block": tiny_model("llama")}
+    recipes = {kind: Recipe.from_name("quarot-gptq", rotate={"r4": "block-diagonal"} if kind == "block" else {})
+               for kind in models}
+    return {kind: prepare_export(model, recipes[kind], calibration=CALIB) for kind, model in models.items()}
 
 
 def _write(prepared, tmp_path: Path, kind: str, scheme: str, **overrides) -> tuple[Path, torch.nn.Module]:
@@ -102,9 +106,35 @@ def test_power_of_two_r4_is_hadamard_and_compressed_tensors_own_matrix(prepared,
     assert {v[:3] for v in contract.transforms.values()} == {("R4", "hadamard", 64)}
 
 
+def test_block_diagonal_r4_is_hadacores_matrix_per_block(prepared, tmp_path):
+    """``rotate.r4: block-diagonal`` on 80 = 5 · 2^4 channels: ``I_5 ⊗ H_16``, in compressed-tensors' schema
+    ``type: hadamard`` with ``head_dim: 16`` (vLLM: HadaCore per block), one stored ±1 Sylvester ``[16, 16]``, format 6;
+    an older format claiming a block is refused (an lsr without blocks would apply one Hadamard of all 80)."""
+    from compressed_tensors.transform.utils.hadamard import deterministic_hadamard_matrix
+
+    path, twin = _write(prepared, tmp_path, "block", "w4a4")
+    config = json.loads((path / "config.json").read_text())
+    r4 = config["quantization_config"]["transform_config"]["config_groups"]["R4"]
+    assert (r4["type"], r4["head_dim"]) == ("hadamard", 16)
+    entry = config["lsr"]["online_transforms"][0]
+    assert (entry["size"], entry["block"], entry["m"], entry["k"]) == (TINY["intermediate_size"], 16, 1, 4)
+    assert config["lsr"]["format_version"] == fmt.BLOCK_R4_VERSION == 6
+    w = load_file(path / fmt.WEIGHTS_FILE)[R4_NAME]
+    assert torch.equal(w.double(), deterministic_hadamard_matrix(16, torch.float64))
+    contract = check_vllm_contract(path)
+    assert {v[:3] for v in contract.transforms.values()} == {("R4", "hadamard", 16)}
+    assert contract.tensors[R4_NAME] == ("float", (16, 16))
+    model = load_quantized(path, backend="reference")
+    assert {m.hadamard_block for m in model.modules() if isinstance(m, QuantizedLinear) and m.online_hadamard} == {16}
+    assert (model(IDS).logits - twin(IDS).logits).abs().max().item() < 1e-5
+    _rewrite(path, edit=lambda c: c["lsr"].update(format_version=5))
+    with pytest.raises(ValueError, match="block-diagonal online transform in a format 5 export"):
+        load_quantized(path)
+
+
 # ----------------------------------------------------------------------------------------------- schemes
 @pytest.mark.parametrize("scheme", ["w4a4", "w4a16", "w4a8"])
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "block"])
 @torch.no_grad()
 def test_each_scheme_reloads_and_matches_its_fake_quant_twin(prepared, tmp_path, kind, scheme):
     path, twin = _write(prepared, tmp_path, kind, scheme)
@@ -283,7 +313,7 @@ def test_vllm_contract_catches_what_vllm_would_not_load(prepared, tmp_path):
 
 # ----------------------------------------------------------------------------------------------- CPU round trip
 @pytest.mark.parametrize("scheme", ["w4a4", "w4a16", "w4a8"])
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "pow2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "pow2", "block"])
 @torch.no_grad()
 def test_compressed_tensors_round_trip_matches_lsr(prepared, tmp_path, kind, scheme):
     """transformers + compressed-tensors (no lsr code) load the export, apply its online R4 with the stored matrix,

@@ -25,10 +25,12 @@ from lsr.quant.rtn import QuantSpec
 # 2: activation_quantization.clip_ratio (1 reads as clip 1.0); 3: activation_quantization.clip_ratios, learned
 # clips per linear (module name -> clip) overriding clip_ratio; 4: the online R4 matrix stored as a tensor
 # (`lsr.export.r4`, required), `scheme` (w4a4 / w4a16 / w4a8; older formats are w4a4); 5: a kv_cache entry (R3,
-# KV-cache quantizer; written only when the recipe has one, see lsr.export.kv_format)
+# KV-cache quantizer; written only when the recipe has one, see lsr.export.kv_format); 6: a block-diagonal R4
+# (online transform entry ``block``; written only for `RotateStep.r4` ``block-diagonal``)
 FORMAT_VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4, 5)
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
 R4_TENSOR_SINCE = 4
+BLOCK_R4_VERSION = 6
 WEIGHTS_FILE = "model.safetensors"
 PACK_FORMAT = "pack-quantized"
 W4A4_GROUP, W8_GROUP = "group_0", "group_1"  # group_0 holds the decoder linears whatever the scheme
@@ -42,6 +44,7 @@ HADAMARD_CONSTRUCTION = (
     "lsr.hadamard.SPECIAL_ORDERS that works (H_m from lsr.hadamard_orders, S the Sylvester matrix in natural order); "
     "applied as x ← x·H over the last dimension"
 )
+BLOCK_LAYOUT = "block-diagonal I_{size/block} ⊗ H_block: x ← x·H_block on each run of `block` input channels"
 R4_STORED = ("±1 entries of H_m ⊗ S_{2^k} (not divided by sqrt(n), not transposed), storage dtype, stored once and "
              "shared by every targeted module (vLLM: SharedWeightParameter, divided by sqrt(n) at load, x·W)")
 ACT_QUANT = {
@@ -110,8 +113,9 @@ def w8_scheme(targets: list[str]) -> QuantizationScheme:
     )
 
 
-def r4_transform_config(size: int) -> TransformConfig:
-    """The online down_proj Hadamard in compressed-tensors' transform schema.
+def r4_transform_config(size: int, block: int | None = None) -> TransformConfig:
+    """The online down_proj Hadamard in compressed-tensors' transform schema; a block-diagonal R4 (``block``) is
+    ``head_dim: block`` there, its matrix that of the block.
 
     compressed-tensors' ``hadamard`` type is the normalised Sylvester matrix, which is lsr's matrix for power-of-two
     sizes only. For ``n = m·2^k`` with ``m > 1`` no registered compressed-tensors type builds lsr's matrix, so the
@@ -120,7 +124,7 @@ def r4_transform_config(size: int) -> TransformConfig:
     The ``weight_input`` entry records that the inverse is already fused into the weights. The matrix itself is in
     the checkpoint (`lsr.export.r4`), where vLLM loads it from.
     """
-    return TransformConfig(config_groups={R4_GROUP: TransformScheme(type=r4_kind(size), apply=[
+    return TransformConfig(config_groups={R4_GROUP: TransformScheme(type=r4_kind(block or size), head_dim=block, apply=[
         TransformArgs(targets=list(R4_TARGETS), location=R4_LOCATION),
         TransformArgs(targets=list(R4_TARGETS), location="weight_input", inverse=True),
     ])})

@@ -70,9 +70,10 @@ def r3_transform_scheme(head_dim: int) -> TransformScheme:
     ])
 
 
-def transform_config(r4_size: int, r3_head_dim: int | None) -> TransformConfig:
-    """The export's ``transform_config``: the online R4 of size `r4_size`, plus R3 where `r3_head_dim` is given."""
-    transforms = fmt.r4_transform_config(r4_size)
+def transform_config(r4_size: int, r3_head_dim: int | None, r4_block: int | None = None) -> TransformConfig:
+    """The export's ``transform_config``: the online R4 on `r4_size` channels (block-diagonal with `r4_block`), plus
+    R3 where `r3_head_dim` is given."""
+    transforms = fmt.r4_transform_config(r4_size, r4_block)
     if r3_head_dim is not None:
         transforms.config_groups["R3"] = r3_transform_scheme(r3_head_dim)
     return transforms

@@ -116,19 +116,32 @@ def check_tensors(expected: dict[str, fmt.TensorSpec], tensors: dict[str, torch.
         raise ValueError(f"unexpected tensor {extra[0]} ({len(extra)} in all): config.json describes no such parameter")
 
 
-def _online(section: dict, module_name: str, in_features: int) -> bool:
+def _block(section: dict, transform: dict) -> int | None:
+    """The block of a block-diagonal online transform entry (format 6), else None."""
+    block = transform.get("block")
+    if block is not None and section["format_version"] < fmt.BLOCK_R4_VERSION:
+        raise ValueError(f"config.json: a block-diagonal online transform in a format {section['format_version']} "
+                         f"export (block-diagonal R4 is format {fmt.BLOCK_R4_VERSION})")
+    return int(block) if block is not None else None
+
+
+def _online(section: dict, module_name: str, in_features: int) -> tuple[bool, int | None]:
+    """``(online Hadamard at the input?, its block)`` of a decoder linear, checked against this lsr's construction."""
     for transform in fmt.online_hadamard_targets(section):
         if not fmt.matches_any(module_name, transform["targets"]):
             continue
         if transform.get("location") != "input":
             raise ValueError(f"{module_name}: online transform at {transform.get('location')!r} is not supported")
-        size, m, k = transform["size"], transform["m"], transform["k"]
-        if size != in_features or m * 2**k != size:
-            raise ValueError(f"{module_name}: online Hadamard of size {size} (m={m}, k={k}) for {in_features} inputs")
-        if decompose(size) != (m, k):
-            raise ValueError(f"{module_name}: this lsr builds H_{size} as {decompose(size)}, the export had ({m}, {k})")
-        return True
-    return False
+        size, m, k, block = transform["size"], transform["m"], transform["k"], _block(section, transform)
+        matrix = block or size
+        if size != in_features or m * 2**k != matrix or size % matrix:
+            raise ValueError(f"{module_name}: online Hadamard of size {size} (block {block}, m={m}, k={k}) for "
+                             f"{in_features} inputs")
+        if decompose(matrix) != (m, k):
+            raise ValueError(f"{module_name}: this lsr builds H_{matrix} as {decompose(matrix)}, the export had "
+                             f"({m}, {k})")
+        return True, block
+    return False, None
 
 
 def r4_tensors(section: dict) -> dict[str, tuple[str, int]]:
@@ -142,7 +155,8 @@ def r4_tensors(section: dict) -> dict[str, tuple[str, int]]:
         if not isinstance(name, str) or not name.endswith(f".{R4_GROUP}_{R4_LOCATION}.weight"):
             raise ValueError(f"config.json: online transform {transform.get('name')!r} names no stored tensor "
                              f"({name!r}); this export cannot be served (vLLM loads the matrix from the checkpoint)")
-        out[name] = (name.removesuffix(f".{R4_GROUP}_{R4_LOCATION}.weight"), int(transform["size"]))
+        size = _block(section, transform) or int(transform["size"])
+        out[name] = (name.removesuffix(f".{R4_GROUP}_{R4_LOCATION}.weight"), size)
     return out
 
 
@@ -151,15 +165,17 @@ def check_transform_config(section: dict, transform_config: dict | None) -> None
     plus R3 where the export has a ``kv_cache`` entry with it."""
     if section["format_version"] < fmt.R4_TENSOR_SINCE:
         return
-    sizes = sorted({int(t["size"]) for t in fmt.online_hadamard_targets(section)})
-    if len(sizes) != 1:
-        raise ValueError(f"config.json: lsr section records online R4 sizes {sizes}, expected exactly one")
+    layouts = sorted({(int(t["size"]), _block(section, t)) for t in fmt.online_hadamard_targets(section)},
+                     key=str)
+    if len(layouts) != 1:
+        raise ValueError(f"config.json: lsr section records online R4 (size, block) {layouts}, expected exactly one")
+    (size, block), = layouts
     kv = section.get("kv_cache") or {}
     r3_head_dim = kv.get("head_dim") if kv.get("r3") else None
-    expected = kv_format.transform_config(sizes[0], r3_head_dim).model_dump(mode="json")
+    expected = kv_format.transform_config(size, r3_head_dim, block).model_dump(mode="json")
     if transform_config != expected:
-        raise ValueError(f"config.json: quantization_config.transform_config is not the R4 of size {sizes[0]} this "
-                         f"export runs (expected {expected})")
+        raise ValueError(f"config.json: quantization_config.transform_config is not the R4 of size {size} (block "
+                         f"{block}) this export runs (expected {expected})")
 
 
 def decoder_scheme_of(section: dict, roles: dict[str, str], decoder: set[str]) -> str:
@@ -257,7 +273,8 @@ def load_quantized(
         scale = tensors.pop(f"{name}.weight_scale").float().reshape(-1)
         bias = tensors.pop(f"{name}.bias", None)
         if role in fmt.DECODER_ROLES:
-            new = QuantizedLinear.from_int(q, scale, bias, online_hadamard=_online(section, name, shape[1]),
+            online, block = _online(section, name, shape[1])
+            new = QuantizedLinear.from_int(q, scale, bias, online_hadamard=online, hadamard_block=block,
                                            backend=backend, act_clip=act_clips[name], act_bits=fmt.ACT_BITS[role])
         elif isinstance(module, nn.Embedding):
             new = Int8Embedding(q, scale, dtype)

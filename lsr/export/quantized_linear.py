@@ -45,7 +45,7 @@ class QuantizedLinear(nn.Module):
 
     def __init__(
         self, in_features: int, out_features: int, *, bias: bool = False, online_hadamard: bool = False,
-        backend: str = "auto", act_clip: float = 1.0, act_bits: int | None = 4,
+        hadamard_block: int | None = None, backend: str = "auto", act_clip: float = 1.0, act_bits: int | None = 4,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
@@ -53,6 +53,7 @@ class QuantizedLinear(nn.Module):
             raise ValueError(f"int4 packing needs an even in_features, got {in_features}")
         self.in_features, self.out_features = in_features, out_features
         self.online_hadamard = online_hadamard
+        self.hadamard_block = hadamard_block if hadamard_block != in_features else None
         self.act_bits = act_bits
         self.backend = backend
         self.act_clip = act_clip
@@ -108,12 +109,12 @@ class QuantizedLinear(nn.Module):
     @classmethod
     def from_int(
         cls, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None, *, online_hadamard: bool = False,
-        backend: str = "auto", act_clip: float = 1.0, act_bits: int | None = 4,
+        hadamard_block: int | None = None, backend: str = "auto", act_clip: float = 1.0, act_bits: int | None = 4,
     ) -> QuantizedLinear:
         """From int8 codes ``q [N, K]`` in [-8, 7] and per-channel scales ``[N]`` (or ``[N, 1]``)."""
         n, k = q.shape
-        module = cls(k, n, bias=bias is not None, online_hadamard=online_hadamard, backend=backend, act_clip=act_clip,
-                     act_bits=act_bits, device=q.device)
+        module = cls(k, n, bias=bias is not None, online_hadamard=online_hadamard, hadamard_block=hadamard_block,
+                     backend=backend, act_clip=act_clip, act_bits=act_bits, device=q.device)
         module.packed_weight.copy_(pack_int4(q.to(torch.int8)))
         module.weight_scale.copy_(scale.reshape(n).float())
         if bias is not None:
@@ -130,6 +131,10 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_bits == 4:
+            if self.online_hadamard and self.hadamard_block is not None:  # the kernels rotate whole rows only
+                rotated = hadamard_transform(x.float(), self.hadamard_block)  # float32, as inside the kernels
+                return w4a4_linear(rotated, self.packed_weight, self.weight_scale, hadamard=False,
+                                   backend=self.backend, bias=self.bias, act_clip=self.act_clip).to(x.dtype)
             return w4a4_linear(x, self.packed_weight, self.weight_scale, hadamard=self.online_hadamard,
                                backend=self.backend, bias=self.bias, act_clip=self.act_clip)
         return self._forward_torch(x)
@@ -139,7 +144,7 @@ class QuantizedLinear(nn.Module):
         dequantized weight in float32. The Hadamard and everything after it run in float32, as in W4A4."""
         xf = x.reshape(-1, self.in_features).float()
         if self.online_hadamard:
-            xf = hadamard_transform(xf)
+            xf = hadamard_transform(xf, self.hadamard_block)
         if self.act_bits is None:
             y = F.linear(xf, self.dequantized_weight())
         else:
@@ -152,7 +157,8 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"online_hadamard={self.online_hadamard}, act_bits={self.act_bits}, backend={self.backend}, "
+                f"online_hadamard={self.online_hadamard}, hadamard_block={self.hadamard_block}, "
+                f"act_bits={self.act_bits}, backend={self.backend}, "
                 f"act_clip={self.act_clip}")
 
 

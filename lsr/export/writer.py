@@ -72,12 +72,24 @@ def _packed(prefix: str, q: torch.Tensor, scale: torch.Tensor, bits: int) -> dic
 
 
 def online_linears(model: nn.Module) -> list[tuple[str, int]]:
-    """``(name, in_features)`` of the linears with an online Hadamard at their input (R4), in module order."""
-    online = [(n, m.in_features) for n, m in model.named_modules() if isinstance(m, QLinear) and m.online_hadamard]
+    """``(name, matrix size)`` of the linears with an online Hadamard at their input (R4), in module order; the
+    size is the block's for a block-diagonal R4."""
+    online = [(n, m.hadamard_block or m.in_features) for n, m in model.named_modules()
+              if isinstance(m, QLinear) and m.online_hadamard]
     outside = [n for n, _ in online if not fmt.matches_any(n, fmt.R4_TARGETS)]
     if outside:
         raise ValueError(f"online Hadamards outside down_proj are not supported by the export: {outside[:3]}")
     return online
+
+
+def r4_layout(model: nn.Module) -> tuple[int, int | None]:
+    """``(in_features, block)`` of the online R4, the same in every layer (``block``: None for one whole-row
+    Hadamard)."""
+    layouts = {(m.in_features, m.hadamard_block) for m in model.modules()
+               if isinstance(m, QLinear) and m.online_hadamard}
+    if len(layouts) != 1:
+        raise ValueError(f"the export needs one online R4 layout (in_features, block) in all layers, found {layouts}")
+    return layouts.pop()
 
 
 def export_tensors(prepared: QuantizedModel, config: ExportConfig) -> dict[str, torch.Tensor]:
@@ -133,9 +145,9 @@ def quantization_config(prepared: QuantizedModel, config: ExportConfig) -> dict:
     qconfig = QuantizationConfig(
         config_groups=groups, format=fmt.PACK_FORMAT, quantization_status="compressed", ignore=ignore
     )
-    down = adapter.layers(model)[0].get_submodule(adapter.mapping.online_hadamard)
+    size, block = r4_layout(model)
     kv, (_, _, head_dim) = prepared.recipe.kv_cache, adapter.head_dims(model)
-    transforms = kv_format.transform_config(down.in_features, head_dim if kv is not None and kv.r3 else None)
+    transforms = kv_format.transform_config(size, head_dim if kv is not None and kv.r3 else None, block)
     out = {
         "version": compressed_tensors.__version__,
         "sparsity_config": {},
@@ -152,12 +164,14 @@ def lsr_section(prepared: QuantizedModel, config: ExportConfig) -> dict:
     """lsr's own metadata: what the compressed-tensors schema cannot say (or cannot say exactly)."""
     model = prepared.model
     adapter = adapter_for(model)
+    span, block = r4_layout(model)
     transforms = []
     for size, owner in sorted(r4_owners(online_linears(model)).items()):
         m, k = decompose(size)
-        transforms.append({"name": "R4", "targets": list(fmt.R4_TARGETS), "location": "input", "size": size,
-                           "m": m, "k": k, "construction": fmt.HADAMARD_CONSTRUCTION,
-                           "tensor": r4_tensor_name(owner), "stored": fmt.R4_STORED})
+        transforms.append({"name": "R4", "targets": list(fmt.R4_TARGETS), "location": "input", "size": span,
+                           **({"block": block, "layout": fmt.BLOCK_LAYOUT} if block else {}), "m": m, "k": k,
+                           "construction": fmt.HADAMARD_CONSTRUCTION, "tensor": r4_tensor_name(owner),
+                           "stored": fmt.R4_STORED})
     quantizer = {"name": prepared.recipe.weights.method}
     if prepared.recipe.weights.uses_gptq:
         quantizer.update(asdict(prepared.recipe.weights.gptq))
@@ -168,7 +182,8 @@ def lsr_section(prepared: QuantizedModel, config: ExportConfig) -> dict:
     head_mode = "int8 per output channel" if config.embeddings_8bit else config.storage_dtype
     kv = kv_format.kv_section(prepared.recipe.kv_cache, adapter.head_dims(model)[2])
     return {
-        "format_version": fmt.FORMAT_VERSION if kv is None else kv_format.FORMAT_VERSION,
+        "format_version": (fmt.BLOCK_R4_VERSION if block else
+                           fmt.FORMAT_VERSION if kv is None else kv_format.FORMAT_VERSION),
         "source": prepared.source,
         "recipe": prepared.recipe.to_dict(),
         "weight_quantizer": quantizer,

@@ -48,7 +48,7 @@ def prepare_model(model: nn.Module, recipe: Recipe) -> nn.Module:
     """The exact float transforms of the recipe: rotations (``rotate``), then QLinears everywhere, and with a
     ``kv_cache`` step QAttentions holding R3 and the (inactive until `set_quantizers`) KV quantizer (in place)."""
     if recipe.rotate is not None:
-        rotate_model(model, seed=recipe.rotate.seed)
+        rotate_model(model, seed=recipe.rotate.seed, r4=recipe.rotate.r4)
         del model.config.lsr_rotation
     to_qlinears(model)
     if recipe.kv_cache is not None:

@@ -7,7 +7,6 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from lsr.hadamard import hadamard_transform
 from lsr.metrics import LayerError
 from lsr.pipeline.runner import Block
 from lsr.quant.rtn import fake_quantize
@@ -28,7 +27,7 @@ def linear_errors(block: Block, params: dict[str, torch.Tensor] | None, quantize
             errors[name] = LayerError()
 
             def hook(mod, args, output, name=name):
-                x = hadamard_transform(args[0]) if mod.online_hadamard else args[0]
+                x = mod.rotate_input(args[0])
                 approx = F.linear(fake_quantize(x, block.act, mod.act_clip), quantized[f"{name}.weight"])
                 errors[name].update(F.linear(x, mod.weight), approx)
 

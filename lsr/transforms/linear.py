@@ -1,8 +1,9 @@
 """`QLinear`: an nn.Linear with an optional online Hadamard on its input and optional fake quantizers.
 
 Parameter names stay those of nn.Linear (`weight`, `bias`), so a transformed model keeps HF's state-dict keys.
-Forward: ``x → x·H (online_hadamard) → Q_a(x) → x · Q_w(W)ᵀ + b``. ``act_clip`` (a scalar tensor) and ``weight_clip``
-(``[out, 1]``) replace the quantizers' fixed clip ratios when set: learned clipping; the export writes them.
+Forward: ``x → x·H (online_hadamard) → Q_a(x) → x · Q_w(W)ᵀ + b``, H block-diagonal ``I ⊗ H_b`` with
+``hadamard_block`` b. ``act_clip`` (a scalar tensor) and ``weight_clip`` (``[out, 1]``) replace the quantizers'
+fixed clip ratios when set: learned clipping; the export writes them.
 """
 
 from __future__ import annotations
@@ -18,16 +19,19 @@ from lsr.transforms.attention import qattentions
 
 class QLinear(nn.Linear):
     online_hadamard: bool
+    hadamard_block: int | None
     act_quant: QuantSpec | None
     weight_quant: QuantSpec | None
     act_clip: torch.Tensor | None
     weight_clip: torch.Tensor | None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, online_hadamard: bool = False) -> QLinear:
+    def from_linear(cls, linear: nn.Linear, *, online_hadamard: bool = False, hadamard_block: int | None = None
+                    ) -> QLinear:
         """Wrap `linear`'s own parameters (no copy)."""
         if isinstance(linear, QLinear):
-            linear.online_hadamard = linear.online_hadamard or online_hadamard
+            if online_hadamard:
+                linear.online_hadamard, linear.hadamard_block = True, hadamard_block
             return linear
         new = cls.__new__(cls)
         nn.Module.__init__(new)
@@ -35,16 +39,20 @@ class QLinear(nn.Linear):
         new.weight = linear.weight
         new.bias = linear.bias
         new.online_hadamard = online_hadamard
+        new.hadamard_block = hadamard_block
         new.act_quant = None
         new.weight_quant = None
         new.act_clip = None
         new.weight_clip = None
         return new
 
+    def rotate_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` after the online Hadamard (itself without one)."""
+        return hadamard_transform(x, self.hadamard_block) if self.online_hadamard else x
+
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         """The tensor the weight actually multiplies: after the online Hadamard and the activation quantizer."""
-        if self.online_hadamard:
-            x = hadamard_transform(x)
+        x = self.rotate_input(x)
         if self.act_quant is not None:
             x = fake_quantize(x, self.act_quant, self.act_clip)
         return x
@@ -72,7 +80,8 @@ class QLinear(nn.Linear):
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, online_hadamard={self.online_hadamard}, "
-            f"act_quant={self.act_quant}, weight_quant={self.weight_quant}"
+            + (f"hadamard_block={self.hadamard_block}, " if self.hadamard_block else "")
+            + f"act_quant={self.act_quant}, weight_quant={self.weight_quant}"
             + (f", act_clip={float(self.act_clip):.4f}" if self.act_clip is not None else "")
         )
 

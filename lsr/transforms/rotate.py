@@ -47,12 +47,23 @@ def _rotate_heads(v_proj: nn.Linear, o_proj: nn.Linear, head_dim: int) -> None:
     _set(o_proj.weight, (wo @ h).reshape_as(o_proj.weight))
 
 
+def r4_block(size: int, r4: str) -> int | None:
+    """The block of R4 on ``size`` channels: ``None`` (one Hadamard of all of them) for ``full`` or a power of two,
+    else the largest power of two ``2^k`` dividing ``size = m·2^k`` (``block-diagonal``: ``I_m ⊗ H_2^k``, any odd
+    ``m``: 1536 → 3 blocks of 512, 14336 → 7 of 2048)."""
+    if r4 not in ("full", "block-diagonal"):
+        raise ValueError(f"r4={r4!r}: expected 'full' or 'block-diagonal'")
+    block = size & -size
+    return block if r4 == "block-diagonal" and block != size else None
+
+
 @torch.no_grad()
-def rotate_model(model: nn.Module, seed: int = 0, *, head_rotation: bool = True) -> nn.Module:
-    """Fold norms, then apply R1 (random-sign Hadamard, size hidden), R2 (per head) and R4 (online, down_proj).
+def rotate_model(model: nn.Module, seed: int = 0, *, head_rotation: bool = True, r4: str = "full") -> nn.Module:
+    """Fold norms, then apply R1 (random-sign Hadamard, size hidden), R2 (per head) and R4 (online, down_proj;
+    ``r4``: see `lsr.recipe.RotateStep`).
 
     In place; returns `model`. The mapping's online-Hadamard target (down_proj) becomes a `QLinear` with
-    ``online_hadamard=True`` whose weight absorbed H.
+    ``online_hadamard=True`` (and its ``hadamard_block``) whose weight absorbed H.
     """
     adapter = adapter_for(model)
     fold_norms(model)
@@ -69,8 +80,10 @@ def rotate_model(model: nn.Module, seed: int = 0, *, head_rotation: bool = True)
         if head_rotation:
             _rotate_heads(*(layer.get_submodule(n) for n in mapping.head_rotation), head_dim)
         down = layer.get_submodule(mapping.online_hadamard)
-        h4 = hadamard_matrix(down.in_features, dtype=torch.float64, device=down.weight.device)
+        block = r4_block(down.in_features, r4)
+        h4 = hadamard_matrix(down.in_features, dtype=torch.float64, device=down.weight.device, block=block)
         _set(down.weight, down.weight.double() @ h4)
-        replace_module(layer, mapping.online_hadamard, QLinear.from_linear(down, online_hadamard=True))
-    model.config.lsr_rotation = {"seed": seed, "head_rotation": head_rotation}
+        replace_module(layer, mapping.online_hadamard,
+                       QLinear.from_linear(down, online_hadamard=True, hadamard_block=block))
+    model.config.lsr_rotation = {"seed": seed, "head_rotation": head_rotation, "r4": r4}
     return model

@@ -55,7 +55,8 @@ class BlockGeometry:
             num_kv_heads,
             head_dim,
             hadamard_matrix(head_dim, dtype=torch.float32, device=device),
-            hadamard_matrix(online.in_features, dtype=torch.float32, device=device),
+            hadamard_matrix(online.in_features, dtype=torch.float32, device=device,
+                            block=getattr(online, "hadamard_block", None)),
             mapping,
         )
 
