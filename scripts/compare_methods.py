@@ -100,9 +100,12 @@ def recipe_for(base: str, method: str, seed: int, config_recipe: dict) -> Recipe
 
 
 def recipe_settings(config_recipe: dict) -> dict:
-    """The config's recipe as the results' settings record it (without ``kv_cache`` when there is none, as results
-    written before the KV-cache step did: their rows stay reusable)."""
-    return {k: v for k, v in config_recipe.items() if not (k == "kv_cache" and v is None)}
+    """The config's recipe as the results' settings record it, without the defaults of options added since results
+    were first written (no ``kv_cache``, ``rotate.r4: full``): their rows stay reusable."""
+    out = {k: v for k, v in config_recipe.items() if not (k == "kv_cache" and v is None)}
+    if isinstance(out.get("rotate"), dict) and out["rotate"].get("r4") == "full":
+        out["rotate"] = {k: v for k, v in out["rotate"].items() if k != "r4"}
+    return out
 
 
 def run_tag(recipe: Recipe) -> str:
