@@ -132,6 +132,12 @@ def test_block_diagonal_r4_is_hadacores_matrix_per_block(prepared, tmp_path):
         load_quantized(path)
 
 
+def test_export_of_an_unrotated_model_is_refused(tmp_path):
+    unrotated, _ = prepare_export(tiny_model("llama"), Recipe(name="rtn-only", rotate=None), calibration=CALIB)
+    with pytest.raises(ValueError, match="use a recipe with the rotate step"):
+        write_export(unrotated, tmp_path / "x", ExportConfig(overwrite=True), None)
+
+
 # ----------------------------------------------------------------------------------------------- schemes
 @pytest.mark.parametrize("scheme", ["w4a4", "w4a16", "w4a8"])
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "block"])

@@ -87,6 +87,9 @@ def r4_layout(model: nn.Module) -> tuple[int, int | None]:
     Hadamard)."""
     layouts = {(m.in_features, m.hadamard_block) for m in model.modules()
                if isinstance(m, QLinear) and m.online_hadamard}
+    if not layouts:
+        raise ValueError("the export format holds rotated models (an online R4 at every down_proj); this model has "
+                         "none: use a recipe with the rotate step")
     if len(layouts) != 1:
         raise ValueError(f"the export needs one online R4 layout (in_features, block) in all layers, found {layouts}")
     return layouts.pop()
