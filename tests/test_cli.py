@@ -55,7 +55,7 @@ def test_print_config(capsys):
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
     assert "model:" in printed and "data:" in printed and "recipe:" in printed and "trainer:" in printed
-    assert "method: gptaq" in printed and "weights: float" in printed  # the preset's values, not lsr's defaults
+    assert "method: gptq" in printed and "weights: float" in printed  # the preset's values, not lsr's defaults
 
 
 def test_shipped_recipe_configs_cover_the_base_presets():
@@ -73,8 +73,8 @@ def test_recipe_configs_are_exactly_the_presets(path):
 def test_llama3_config_overrides_the_preset():
     _, cfg = parse(["fit", "--config", str(CONFIGS / "llama3.yaml")])
     recipe = build_config(Recipe, cfg["recipe"])
-    assert recipe == Recipe.from_name("lsr-gptaq", learn={"epochs": 10, "lr": 0.01, "schedule": "cosine",
-                                                          "batch_size": 4}, weights={"gptq": {"alpha": 1.0}})
+    assert recipe == Recipe.from_name("lsr-gptq", learn={"epochs": 10, "lr": 0.01, "schedule": "cosine",
+                                                         "batch_size": 4})
     assert recipe.learn.weights == "float"  # the preset's, kept under the overrides
 
 

@@ -163,7 +163,7 @@ def test_cli_kv_cache_override():
 
     _, cfg = parse(["fit", "--config", "configs/smollm2.yaml", "--recipe.kv_cache.bits", "4"])
     recipe = build_config(Recipe, cfg["recipe"])
-    assert recipe.name == "lsr-gptaq" and recipe.kv_cache == KVCacheStep(bits=4)
+    assert recipe.name == "lsr-gptq" and recipe.kv_cache == KVCacheStep(bits=4)
     _, cfg = parse(["fit", "--config", "configs/smollm2.yaml", "--recipe.name", "quarot",
                     "--recipe.kv_cache.bits", "8", "--recipe.kv_cache.symmetric", "true"])
     assert build_config(Recipe, cfg["recipe"]).kv_cache == KVCacheStep(bits=8, symmetric=True)
