@@ -222,6 +222,17 @@ def cell(values: list[float], spec: str, std_spec: str | None = None) -> str:
     return f"{format(statistics.mean(values), spec)} ± {format(statistics.stdev(values), std_spec or spec)}"
 
 
+RECIPE_ORDER = ("quarot", "smoothrot", "quantile", "lsr")
+METHOD_ORDER = ("rtn", "gptq", "gptaq")
+
+
+def table_order(recipe: str, method: str) -> tuple:
+    """Rows by recipe (from no learning to lsr), then weight method (rtn, gptq, gptaq); others after, by name."""
+    def rank(value: str, order: tuple[str, ...]) -> tuple[int, str]:
+        return (order.index(value), "") if value in order else (len(order), value)
+    return rank(recipe, RECIPE_ORDER), rank(method, METHOD_ORDER)
+
+
 def render(doc: dict) -> str:
     """The markdown table of a results document (rows of one recipe × method aggregated over their seeds)."""
     s, rows = doc["settings"], doc["rows"]
@@ -252,7 +263,7 @@ def render(doc: dict) -> str:
         ppl = " | ".join(f"{fp['ppl'][src]:.2f}" for src in sources)
         lines.append(f"| FP | — | — | {ppl} | — | — | — | — | {fp['eval_s']:.0f} |")
     errors, marks = [], set()
-    for (base, method), group in groups.items():
+    for (base, method), group in sorted(groups.items(), key=lambda item: table_order(*item[0])):
         ok = [r for r in group if "error" not in r]  # a failed row counts for nothing, so n is the same everywhere
         failed = [r for r in group if "error" in r]
         errors += [f"- {base} {method} seed {r['seed']}: {r['error']}" for r in failed]
