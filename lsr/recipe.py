@@ -38,8 +38,7 @@ class RotateStep:
         r4: ``full``: one Hadamard of down_proj's whole input, ``H_m ⊗ S_2^k`` (m > 1 for sizes such as 14336 =
             7·2^11: a dense n × n product in vLLM); ``block-diagonal``: ``I_m ⊗ H_2^k`` with 2^k the largest power
             of two dividing n, applied to each run of 2^k channels (vLLM's fast HadaCore kernel; mixes fewer
-            channels).
-            The same for a power-of-two size.
+            channels). The two are the same for a power-of-two n.
     """
 
     seed: int = 0
