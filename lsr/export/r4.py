@@ -30,15 +30,6 @@ def r4_kind(size: int) -> str:
     return "hadamard" if m == 1 else "lsr-hadamard"
 
 
-def r4_owners(named: list[tuple[str, int]]) -> dict[int, str]:
-    """``{size: first module name}`` of the online-transformed linears ``(name, in_features)`` in module order: the
-    module whose name the one shared tensor of each size is stored under."""
-    owners: dict[int, str] = {}
-    for name, size in named:
-        owners.setdefault(size, name)
-    return owners
-
-
 def r4_tensor(size: int, dtype: torch.dtype) -> torch.Tensor:
     """The stored R4: ``H_m ⊗ S_{2^k}`` with ±1 entries (unnormalised, not transposed), in ``dtype``."""
     return hadamard_signs(size, dtype=dtype).contiguous()

@@ -24,7 +24,7 @@ from torch import nn
 from lsr.export import format as fmt
 from lsr.export import kv_format
 from lsr.export.config import ExportConfig
-from lsr.export.r4 import r4_owners, r4_tensor, r4_tensor_name
+from lsr.export.r4 import r4_tensor, r4_tensor_name
 from lsr.hadamard import decompose
 from lsr.models.adapter import adapter_for
 from lsr.pipeline.apply import QuantizedModel
@@ -71,33 +71,39 @@ def _packed(prefix: str, q: torch.Tensor, scale: torch.Tensor, bits: int) -> dic
     }
 
 
-def online_linears(model: nn.Module) -> list[tuple[str, int]]:
-    """``(name, matrix size)`` of the linears with an online Hadamard at their input (R4), in module order; the
-    size is the block's for a block-diagonal R4."""
-    online = [(n, m.hadamard_block or m.in_features) for n, m in model.named_modules()
-              if isinstance(m, QLinear) and m.online_hadamard]
+@dataclass(frozen=True)
+class OnlineR4:
+    """The online R4 of a rotated model: the same at every down_proj, stored once under ``owner`` (the first)."""
+
+    owner: str
+    size: int  # in_features
+    block: int | None  # None: one Hadamard of the whole row
+
+    @property
+    def matrix_size(self) -> int:
+        """Size of the stored ±1 matrix: the block's for a block-diagonal R4."""
+        return self.block or self.size
+
+
+def online_r4(model: nn.Module) -> OnlineR4:
+    """The model's online R4, checked: only at down_proj, present, one layout (in_features, block) in all layers."""
+    online = [(n, m) for n, m in model.named_modules() if isinstance(m, QLinear) and m.online_hadamard]
     outside = [n for n, _ in online if not fmt.matches_any(n, fmt.R4_TARGETS)]
     if outside:
         raise ValueError(f"online Hadamards outside down_proj are not supported by the export: {outside[:3]}")
-    return online
-
-
-def r4_layout(model: nn.Module) -> tuple[int, int | None]:
-    """``(in_features, block)`` of the online R4, the same in every layer (``block``: None for one whole-row
-    Hadamard)."""
-    layouts = {(m.in_features, m.hadamard_block) for m in model.modules()
-               if isinstance(m, QLinear) and m.online_hadamard}
-    if not layouts:
+    if not online:
         raise ValueError("the export format holds rotated models (an online R4 at every down_proj); this model has "
                          "none: use a recipe with the rotate step")
+    layouts = {(m.in_features, m.hadamard_block) for _, m in online}
     if len(layouts) != 1:
         raise ValueError(f"the export needs one online R4 layout (in_features, block) in all layers, found {layouts}")
-    return layouts.pop()
+    (size, block), = layouts
+    return OnlineR4(online[0][0], size, block)
 
 
 def export_tensors(prepared: QuantizedModel, config: ExportConfig) -> dict[str, torch.Tensor]:
     """Every tensor of the export: packed int4 decoder linears, 16-bit (or int8) embedding/lm_head, the online R4
-    matrix (one shared ±1 tensor per size, in the storage dtype), float32 rest."""
+    matrix (one shared ±1 tensor, in the storage dtype), float32 rest."""
     model = prepared.model
     adapter = adapter_for(model)
     names = {id(m): n for n, m in model.named_modules()}
@@ -128,8 +134,8 @@ def export_tensors(prepared: QuantizedModel, config: ExportConfig) -> dict[str, 
                 tensors[key] = tensor.to(storage)
         else:
             tensors[key] = tensor.float()
-    for size, owner in r4_owners(online_linears(model)).items():
-        tensors[r4_tensor_name(owner)] = r4_tensor(size, storage)
+    r4 = online_r4(model)
+    tensors[r4_tensor_name(r4.owner)] = r4_tensor(r4.matrix_size, storage)
     return {k: v.contiguous().cpu() for k, v in tensors.items()}
 
 
@@ -148,9 +154,9 @@ def quantization_config(prepared: QuantizedModel, config: ExportConfig) -> dict:
     qconfig = QuantizationConfig(
         config_groups=groups, format=fmt.PACK_FORMAT, quantization_status="compressed", ignore=ignore
     )
-    size, block = r4_layout(model)
+    r4 = online_r4(model)
     kv, (_, _, head_dim) = prepared.recipe.kv_cache, adapter.head_dims(model)
-    transforms = kv_format.transform_config(size, head_dim if kv is not None and kv.r3 else None, block)
+    transforms = kv_format.transform_config(r4.size, head_dim if kv is not None and kv.r3 else None, r4.block)
     out = {
         "version": compressed_tensors.__version__,
         "sparsity_config": {},
@@ -167,14 +173,12 @@ def lsr_section(prepared: QuantizedModel, config: ExportConfig) -> dict:
     """lsr's own metadata: what the compressed-tensors schema cannot say (or cannot say exactly)."""
     model = prepared.model
     adapter = adapter_for(model)
-    span, block = r4_layout(model)
-    transforms = []
-    for size, owner in sorted(r4_owners(online_linears(model)).items()):
-        m, k = decompose(size)
-        transforms.append({"name": "R4", "targets": list(fmt.R4_TARGETS), "location": "input", "size": span,
-                           **({"block": block, "layout": fmt.BLOCK_LAYOUT} if block else {}), "m": m, "k": k,
-                           "construction": fmt.HADAMARD_CONSTRUCTION, "tensor": r4_tensor_name(owner),
-                           "stored": fmt.R4_STORED})
+    r4 = online_r4(model)
+    m, k = decompose(r4.matrix_size)
+    transforms = [{"name": "R4", "targets": list(fmt.R4_TARGETS), "location": "input", "size": r4.size,
+                   **({"block": r4.block, "layout": fmt.BLOCK_LAYOUT} if r4.block else {}), "m": m, "k": k,
+                   "construction": fmt.HADAMARD_CONSTRUCTION, "tensor": r4_tensor_name(r4.owner),
+                   "stored": fmt.R4_STORED}]
     quantizer = {"name": prepared.recipe.weights.method}
     if prepared.recipe.weights.uses_gptq:
         quantizer.update(asdict(prepared.recipe.weights.gptq))
@@ -185,7 +189,7 @@ def lsr_section(prepared: QuantizedModel, config: ExportConfig) -> dict:
     head_mode = "int8 per output channel" if config.embeddings_8bit else config.storage_dtype
     kv = kv_format.kv_section(prepared.recipe.kv_cache, adapter.head_dims(model)[2])
     return {
-        "format_version": (fmt.BLOCK_R4_VERSION if block else
+        "format_version": (fmt.BLOCK_R4_VERSION if r4.block else
                            fmt.FORMAT_VERSION if kv is None else kv_format.FORMAT_VERSION),
         "source": prepared.source,
         "recipe": prepared.recipe.to_dict(),
