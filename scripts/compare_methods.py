@@ -17,14 +17,18 @@ the same windows: ``--eval-windows`` × the config's seq_len of each source. ``-
 (seed s sets rotate.seed and data.seed: R1's signs and the calibration offsets) and show mean ± sample std over the
 seeds; the other rows run for the first seed only.
 
-After every row OUT.json is rewritten; a rerun with the same settings reuses its rows (a row that failed is retried),
-and a row that raises records its error and the script goes on. Writes OUT.md (printed too) and OUT.png (block errors
+After every row OUT.json is rewritten; a rerun with the same model, data, evaluation and threads reuses every row whose
+recipe is the one it would run now (each row records its recipe): a config naming a preset with overrides
+(``-- --recipe.name lsr-gptq --recipe.learn.epochs 6``) re-runs that preset's rows only, into a run directory of its
+own, and the table notes the overrides. A row that failed is retried; a row that raises records its error and the
+script goes on. Writes OUT.md (printed too) and OUT.png (block errors
 of each recipe's first seed); ``--only-table`` re-renders both from OUT.json without running anything.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import statistics
@@ -108,15 +112,42 @@ def recipe_settings(config_recipe: dict) -> dict:
     return out
 
 
+def preset_of(recipe: Recipe) -> Recipe | None:
+    """The preset `recipe` was resolved from, with its rotation (seed, R4) and KV cache: what it is without other
+    overrides (None for a recipe that names no preset)."""
+    if recipe.name not in PRESETS:
+        return None
+    preset = PRESETS[recipe.name]
+    return replace(preset, rotate=recipe.rotate if preset.rotate is not None else None, kv_cache=recipe.kv_cache)
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix.rstrip("."): data}
+    return {k: v for key, value in data.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+
+
+def overrides(recipe: dict) -> list[str]:
+    """``field=value`` for every field of a row's recipe (`Recipe.to_dict`) that differs from its preset's."""
+    preset = preset_of(Recipe.from_dict(recipe))
+    if preset is None:
+        return ["custom recipe"]
+    base, own = _flat(preset.to_dict()), _flat(recipe)
+    return [f"{k}={own.get(k)}" for k in sorted(set(base) | set(own)) if base.get(k) != own.get(k)]
+
+
 def run_tag(recipe: Recipe) -> str:
-    """``""`` for a float cache and a full R4, else ``-kv4`` (``sym``, ``g{group}``, ``c{clip}``, ``-nor3`` where
-    not the default) and ``-r4block``: run directories of different settings never collide."""
+    """``""`` for a preset with a float cache and a full R4, else ``-r4block``, ``-kv4`` (``sym``, ``g{group}``,
+    ``c{clip}``, ``-nor3`` where not the default) and, for a preset with other overrides, ``-`` and a digest of the
+    recipe: run directories of different recipes never collide."""
     kv = recipe.kv_cache
     tag = "-r4block" if recipe.rotate is not None and recipe.rotate.r4 == "block-diagonal" else ""
-    if kv is None:
-        return tag
-    tag += f"-kv{kv.bits}" + ("sym" if kv.symmetric else "") + (f"g{kv.group_size}" if kv.group_size else "")
-    return tag + (f"c{kv.clip_ratio:g}" if kv.clip_ratio != 0.95 else "") + ("" if kv.r3 else "-nor3")
+    if kv is not None:
+        tag += f"-kv{kv.bits}" + ("sym" if kv.symmetric else "") + (f"g{kv.group_size}" if kv.group_size else "")
+        tag += (f"c{kv.clip_ratio:g}" if kv.clip_ratio != 0.95 else "") + ("" if kv.r3 else "-nor3")
+    if preset_of(recipe) != recipe:
+        tag += "-" + hashlib.sha1(json.dumps(recipe.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+    return tag
 
 
 def key_of(row: dict) -> Key:
@@ -147,7 +178,7 @@ def run_row(key: Key, cfg: dict, model: ModelConfig, data: DataConfig, trainer: 
     try:
         recipe = recipe_for(base, method, seed, cfg["recipe"])
         run_dir = runs / f"{base}-{method}-s{seed}{run_tag(recipe)}"
-        row["run"] = str(run_dir)
+        row["run"], row["recipe_config"] = str(run_dir), recipe.to_dict()
         done = load_checkpoint(run_dir).completed_blocks if is_checkpoint(run_dir) else 0
         start = time.perf_counter()
         result, tokenizer = fit(model, recipe, replace(data, seed=seed), run_dir, batch_size=cfg["batch_size"],
@@ -179,17 +210,39 @@ def calibration_settings(data: DataConfig) -> dict:
     return {k: v for k, v in asdict(data).items() if k != "eval_source"}
 
 
+PER_ROW_SETTINGS = ("recipe", "extra")  # each row records its own recipe (`row_recipe`)
+
+
 def previous_rows(path: Path, settings: dict) -> dict[Key, dict]:
-    """Rows of an earlier run with identical settings; an earlier file with other settings is kept as .old."""
+    """Rows of an earlier run with the same model, data, evaluation and threads (its recipe may differ: each row is
+    checked with `row_recipe`); an earlier file with other settings is kept as .old."""
     if not path.is_file():
         return {}
     doc = json.loads(path.read_text())
-    if doc.get("settings") != settings:
+    def shared(s: dict) -> dict:
+        return {k: v for k, v in s.items() if k not in PER_ROW_SETTINGS}
+    if shared(doc.get("settings", {})) != shared(settings):
         backup = path.with_name(path.name + ".old")
         path.replace(backup)
         print(f"{path} was written with other settings: kept as {backup}, starting over")
         return {}
     return {key_of(r): r for r in doc["rows"]}
+
+
+def row_recipe(row: dict) -> dict | None:
+    """The recipe a row ran (`Recipe.to_dict`): recorded in the row or, for rows written before rows recorded it,
+    read from its run's checkpoint; None when neither is there."""
+    if "recipe_config" in row:
+        return row["recipe_config"]
+    run = Path(row.get("run", ""))
+    return load_checkpoint(run).recipe.to_dict() if row.get("run") and is_checkpoint(run) else None
+
+
+def reusable(row: dict, key: Key, config_recipe: dict) -> bool:
+    """A finished row of the recipe this run would use for `key`."""
+    if "error" in row:
+        return False
+    return key == FP or row_recipe(row) == recipe_for(*key, config_recipe).to_dict()
 
 
 def save(path: Path, settings: dict, rows: dict[Key, dict], order: list[Key]) -> dict:
@@ -242,6 +295,7 @@ def render(doc: dict) -> str:
     for r in rows:
         if key_of(r) != FP:
             groups.setdefault((r["recipe"], r["weights"]), []).append(r)
+    changed = {key: group_overrides(group) for key, group in groups.items()}
     data = s["data"]
     kv = s["recipe"].get("kv_cache")
     kv_text = "KV cache in float (KV16)" if kv is None else (
@@ -253,7 +307,8 @@ def render(doc: dict) -> str:
         f"4-bit per token on every linear input); {kv_text}; calibration: {data['num_calibration']}×{data['seq_len']} "
         "windows "
         f"of {data['source']}; eval: {s['eval_windows'] or 'all'}×{data['seq_len']} windows of each source; threads: "
-        f"{s['threads']}; Python {s['python']}, torch {s['torch']}; extra args: {' '.join(s['extra']) or 'none'}",
+        f"{s['threads']}; Python {s['python']}, torch {s['torch']}; each row runs its preset (lsr/recipe.py PRESETS)"
+        + (", overrides below" if any(changed.values()) else ""),
         "",
         "| recipe | weights | seeds | " + " | ".join(f"INT4 ppl ({src})" for src in sources)
         + f" | fake-quant ppl ({first}) | gap to FP ({first}) | full-layer mean error | fit s | eval s |",
@@ -292,9 +347,21 @@ def render(doc: dict) -> str:
         lines.append("\\* a finished refined checkpoint was reused: fit s is the time to load it.")
     if "†" in marks:
         lines.append("† a killed fit was resumed: fit s covers its remaining blocks only.")
+    notes = [f"- {base} {method}: {', '.join(items)}" for (base, method), items in
+             sorted(changed.items(), key=lambda item: table_order(*item[0])) if items]
+    if notes:
+        lines += ["", "Overrides of the presets:", *notes]
     if errors:
         lines += ["", "Errors:", *errors]
     return "\n".join(lines)
+
+
+def group_overrides(group: list[dict]) -> list[str]:
+    """The overrides of the preset in a row group's recipe (its first row that has one recorded)."""
+    for row in group:
+        if "error" not in row and (recipe := row_recipe(row)) is not None:
+            return overrides(recipe)
+    return []
 
 
 def write_outputs(doc: dict, out: str) -> None:
@@ -331,7 +398,7 @@ def main() -> None:
     trainer = trainer_kwargs(cfg)
     order = plan(args)
     for key in order:
-        if key in rows and "error" not in rows[key]:
+        if key in rows and reusable(rows[key], key, cfg["recipe"]):
             print(f"{label(key)}: reusing the row in {json_path}")
             continue
         print(f"\n=== {label(key)} ===", flush=True)
