@@ -341,3 +341,14 @@ def test_quantized_inputs_differ_from_fp_inputs():
         records = pipeline.run(recipe_hooks(recipe))
     assert not torch.allclose(pipeline.x_q, pipeline.x_fp)
     assert all(0 < r.error_final < 1 for r in records)
+
+
+def test_fp_chain_inputs_still_score_each_block():
+    """With ``inputs: fp`` the final error is the quantized block's on the FP chain's inputs (not left unscored)."""
+    recipe = replace(PRESETS["quarot-gptq"], inputs="fp")
+    model = prepare_model(tiny_model("llama"), recipe)
+    pipeline = BlockPipeline(model, _windows(), act=recipe.activations, weight=recipe.weights.spec, batch_size=4,
+                             keep_quantized_inputs=False, log=None)
+    records = pipeline.run(recipe_hooks(recipe))
+    assert pipeline.x_q is None
+    assert all(0 < r.error_final < 1 for r in records)

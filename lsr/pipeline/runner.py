@@ -4,7 +4,8 @@ The calibration windows are embedded once; blocks are visited in order. For bloc
 device (every other block stays on CPU), computes its float targets ``Y_l = Block_l(X_l^FP)``, hands a `Block` to
 each hook in turn (statistics and init, learning, folding, weight quantization, per-linear error), then advances:
 ``X_{l+1}^FP = Y_l`` and, when kept, the quantized-prefix inputs ``X_{l+1}^Q = Block_l^Q(X_l^Q)`` (activation
-quantization on, the block's final weights), whose distance to ``Y_l`` is the block's final relative error.
+quantization on, the block's final weights). The block's final relative error is the distance to ``Y_l`` of the
+quantized block's outputs on the inputs learning and GPTQ used: ``X_l^Q`` when kept, else ``X_l^FP``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class BlockRecord:
     init: str = "none"
     error_init: float = math.nan  # relative block error ‖Yq − Y‖² / ‖Y‖² after the smoothing init
     error_learned: float = math.nan  # the same after learning (RTN weights of the learned scales)
-    error_final: float = math.nan  # with the block's final weights, on the inputs the next block gets
+    error_final: float = math.nan  # with the block's final weights, on the inputs learning and GPTQ used
     linear_error_init: dict[str, float] = field(default_factory=dict)
     linear_error_final: dict[str, float] = field(default_factory=dict)
     stopped_on_nonfinite: bool = False
@@ -272,11 +273,10 @@ class BlockPipeline:
     @torch.no_grad()
     def advance(self, block: Block) -> None:
         """Next block's inputs from this one's outputs; the block goes back to CPU."""
+        out = block.run_all(self.x_q if self.x_q is not None else self.x_fp, quantized=True)
+        block.record.error_final = block.relative((out - block.targets).double().pow(2).mean().item())
         if self.x_q is not None:
-            x_q = block.run_all(self.x_q, quantized=True)
-            err = (x_q - block.targets).double().pow(2).mean().item()
-            block.record.error_final = block.relative(err)
-            self.x_q = x_q
+            self.x_q = out
         self.x_fp = block.targets
         block.layer.to("cpu")
 
