@@ -103,15 +103,6 @@ def recipe_for(base: str, method: str, seed: int, config_recipe: dict) -> Recipe
     return replace(recipe, rotate=replace(recipe.rotate, seed=seed, r4=r4))
 
 
-def recipe_settings(config_recipe: dict) -> dict:
-    """The config's recipe as the results' settings record it, without the defaults of options added since results
-    were first written (no ``kv_cache``, ``rotate.r4: full``): their rows stay reusable."""
-    out = {k: v for k, v in config_recipe.items() if not (k == "kv_cache" and v is None)}
-    if isinstance(out.get("rotate"), dict) and out["rotate"].get("r4") == "full":
-        out["rotate"] = {k: v for k, v in out["rotate"].items() if k != "r4"}
-    return out
-
-
 def preset_of(recipe: Recipe) -> Recipe | None:
     """The preset `recipe` was resolved from, with its rotation (seed, R4) and KV cache: what it is without other
     overrides (None for a recipe that names no preset)."""
@@ -387,7 +378,7 @@ def main() -> None:
     n_windows = args.eval_windows or data.max_eval_windows
     settings = json.loads(json.dumps({
         "config": args.config, "model": asdict(model), "data": calibration_settings(data),
-        "recipe": recipe_settings(cfg["recipe"]),
+        "recipe": cfg["recipe"],
         "batch_size": cfg["batch_size"], "threads": torch.get_num_threads(), "eval_sources": args.eval_sources,
         "eval_windows": n_windows, "python": platform.python_version(), "torch": torch.__version__, "extra": rest,
     }))
