@@ -15,6 +15,7 @@ from lsr.learn import BlockModule, LearnScales, quantize_
 from lsr.models import adapter_for
 from lsr.pipeline import Block, BlockPipeline, apply_recipe, prepare_model
 from lsr.pipeline.apply import recipe_hooks
+from lsr.pipeline.runner import BlockRecord
 from lsr.pipeline.smooth import SmoothInit
 from lsr.quant import QuantSpec
 from lsr.quant.rtn import best_clip
@@ -352,3 +353,14 @@ def test_fp_chain_inputs_still_score_each_block():
     records = pipeline.run(recipe_hooks(recipe))
     assert pipeline.x_q is None
     assert all(0 < r.error_final < 1 for r in records)
+
+
+def test_report_table_shows_linear_errors_only_when_scored():
+    from lsr.learn.report import markdown_table
+
+    scored = BlockRecord(index=0, init="max", error_init=0.1, linear_error_final={"q_proj": 0.01, "k_proj": 0.03})
+    table = markdown_table([scored])
+    assert "| q_proj | k_proj | mean |" in table and "| 0.0100 | 0.0300 | 0.0200 |" in table
+    assert "full-layer mean error: 0.0200" in table
+    unscored = markdown_table([BlockRecord(index=0, init="max", error_init=0.1)])
+    assert "mean" not in unscored and "0.0000" not in unscored and "not scored" in unscored

@@ -16,11 +16,6 @@ from typing import Any
 from lsr.pipeline.runner import Block, BlockRecord
 
 
-def mean_linear_error(record: BlockRecord, stage: str = "final") -> float:
-    errors = record.linear_error_final if stage == "final" else record.linear_error_init
-    return sum(errors.values()) / max(len(errors), 1)
-
-
 def full_layer_mean_error(records: list[BlockRecord], stage: str = "final") -> float:
     """Mean relative output error over all linears of all blocks (seed-004's "full-layer mean error")."""
     errors = [e for r in records for e in (r.linear_error_final if stage == "final" else r.linear_error_init).values()]
@@ -53,13 +48,22 @@ class TensorBoardReport:
 
 
 def markdown_table(records: list[BlockRecord]) -> str:
+    """Per block: init, block errors and, when they were scored (``linear_errors``), each linear's error and their
+    mean."""
     names = list(records[0].linear_error_final) if records else []
-    head = ("| block | init | block error init | learned | final | " + " | ".join(names) + " | mean |")
-    rows = [head, "|" + "---|" * (len(names) + 6)]
+    linear_head = " " + " | ".join(names) + " | mean |" if names else ""
+    rows = ["| block | init | block error init | learned | final |" + linear_head,
+            "|" + "---|" * (5 + (len(names) + 1 if names else 0))]
     for r in records:
-        cells = " | ".join(f"{r.linear_error_final.get(n, math.nan):.4f}" for n in names)
-        rows.append(f"| {r.index} | {r.init} | {r.error_init:.4g} | {r.error_learned:.4g} | {r.error_final:.4g} | "
-                    f"{cells} | {mean_linear_error(r):.4f} |")
+        cells = ""
+        if names:
+            errors = [r.linear_error_final.get(n, math.nan) for n in names]
+            cells = " " + " | ".join(f"{e:.4f}" for e in errors) + f" | {sum(errors) / len(errors):.4f} |"
+        rows.append(f"| {r.index} | {r.init} | {r.error_init:.4g} | {r.error_learned:.4g} | {r.error_final:.4g} |"
+                    + cells)
+    if not names:
+        rows.append("\nper-linear errors not scored (linear_errors: false)")
+        return "\n".join(rows)
     before = full_layer_mean_error(records, "init")
     rows.append(f"\nfull-layer mean error: {full_layer_mean_error(records):.4f}"
                 + (f" (before learning {before:.4f})" if any(r.linear_error_init for r in records) else ""))
