@@ -51,16 +51,13 @@ def markdown_table(records: list[BlockRecord]) -> str:
     """Per block: init, block errors and, when they were scored (``linear_errors``), each linear's error and their
     mean."""
     names = list(records[0].linear_error_final) if records else []
-    linear_head = " " + " | ".join(names) + " | mean |" if names else ""
-    rows = ["| block | init | block error init | learned | final |" + linear_head,
-            "|" + "---|" * (5 + (len(names) + 1 if names else 0))]
+    columns = ["block", "init", "block error init", "learned", "final", *names, *(["mean"] if names else [])]
+    rows = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in records:
-        cells = ""
-        if names:
-            errors = [r.linear_error_final.get(n, math.nan) for n in names]
-            cells = " " + " | ".join(f"{e:.4f}" for e in errors) + f" | {sum(errors) / len(errors):.4f} |"
-        rows.append(f"| {r.index} | {r.init} | {r.error_init:.4g} | {r.error_learned:.4g} | {r.error_final:.4g} |"
-                    + cells)
+        errors = [r.linear_error_final.get(n, math.nan) for n in names]
+        linear = [f"{e:.4f}" for e in errors + ([sum(errors) / len(errors)] if names else [])]
+        cells = [str(r.index), r.init, f"{r.error_init:.4g}", f"{r.error_learned:.4g}", f"{r.error_final:.4g}", *linear]
+        rows.append("| " + " | ".join(cells) + " |")
     if not names:
         rows.append("\nper-linear errors not scored (linear_errors: false)")
         return "\n".join(rows)
