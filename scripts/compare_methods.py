@@ -201,12 +201,12 @@ def calibration_settings(data: DataConfig) -> dict:
     return {k: v for k, v in asdict(data).items() if k != "eval_source"}
 
 
-PER_ROW_SETTINGS = ("recipe", "extra")  # each row records its own recipe (`row_recipe`)
+PER_ROW_SETTINGS = ("recipe", "extra")  # each row records its own recipe (``recipe_config``)
 
 
 def previous_rows(path: Path, settings: dict) -> dict[Key, dict]:
     """Rows of an earlier run with the same model, data, evaluation and threads (its recipe may differ: each row is
-    checked with `row_recipe`); an earlier file with other settings is kept as .old."""
+    checked with `reusable`); an earlier file with other settings is kept as .old."""
     if not path.is_file():
         return {}
     doc = json.loads(path.read_text())
@@ -217,23 +217,19 @@ def previous_rows(path: Path, settings: dict) -> dict[Key, dict]:
         path.replace(backup)
         print(f"{path} was written with other settings: kept as {backup}, starting over")
         return {}
-    return {key_of(r): r for r in doc["rows"]}
-
-
-def row_recipe(row: dict) -> dict | None:
-    """The recipe a row ran (`Recipe.to_dict`): recorded in the row or, for rows written before rows recorded it,
-    read from its run's checkpoint; None when neither is there."""
-    if "recipe_config" in row:
-        return row["recipe_config"]
-    run = Path(row.get("run", ""))
-    return load_checkpoint(run).recipe.to_dict() if row.get("run") and is_checkpoint(run) else None
+    rows = {key_of(r): r for r in doc["rows"]}
+    for row in rows.values():  # rows written before rows recorded their recipe: their run's checkpoint has it
+        run = Path(row.get("run", ""))
+        if "recipe_config" not in row and row.get("run") and is_checkpoint(run):
+            row["recipe_config"] = load_checkpoint(run).recipe.to_dict()
+    return rows
 
 
 def reusable(row: dict, key: Key, config_recipe: dict) -> bool:
-    """A finished row of the recipe this run would use for `key`."""
+    """A finished row of the recipe this run would use for `key` (the recipe each row records)."""
     if "error" in row:
         return False
-    return key == FP or row_recipe(row) == recipe_for(*key, config_recipe).to_dict()
+    return key == FP or row.get("recipe_config") == recipe_for(*key, config_recipe).to_dict()
 
 
 def save(path: Path, settings: dict, rows: dict[Key, dict], order: list[Key]) -> dict:
@@ -350,8 +346,8 @@ def render(doc: dict) -> str:
 def group_overrides(group: list[dict]) -> list[str]:
     """The overrides of the preset in a row group's recipe (its first row that has one recorded)."""
     for row in group:
-        if "error" not in row and (recipe := row_recipe(row)) is not None:
-            return overrides(recipe)
+        if "error" not in row and "recipe_config" in row:
+            return overrides(row["recipe_config"])
     return []
 
 
