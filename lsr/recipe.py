@@ -99,6 +99,9 @@ class LearnStep:
         weight_decay: AdamW weight decay.
         schedule: learning-rate schedule over a block's steps: ``constant`` or ``cosine`` (to zero).
         loss: ``mse`` of the block outputs, or ``relative`` (``‖Yq − Y‖² / ‖Y‖²`` per batch).
+        linear_loss: weight of a second term, the mean over the block's linears of each one's own relative output
+            error on the inputs it receives (``‖Q_a(x)Q_w(W)ᵀ − xWᵀ‖² / ‖xWᵀ‖²``, seed-004's per-layer objective),
+            added to the block loss in the block loss's units (0: off).
         band: the log-scales stay within ``θ₀ ± band`` of their init.
         batch_size: calibration windows per optimisation step.
     """
@@ -114,6 +117,7 @@ class LearnStep:
     weight_decay: float = 0.0
     schedule: Literal["constant", "cosine"] = "constant"
     loss: Literal["mse", "relative"] = "mse"
+    linear_loss: float = 0.0
     band: float = 1.0
     batch_size: int = 1
 
@@ -128,6 +132,7 @@ class LearnStep:
         _check(self.weight_decay >= 0, "learn.weight_decay", self.weight_decay, "a number >= 0")
         _one_of("learn.schedule", self.schedule, ("constant", "cosine"))
         _one_of("learn.loss", self.loss, ("mse", "relative"))
+        _check(self.linear_loss >= 0, "learn.linear_loss", self.linear_loss, "a number >= 0")
         _check(self.band > 0, "learn.band", self.band, "a positive number")
         _check(isinstance(self.batch_size, int) and self.batch_size >= 1, "learn.batch_size", self.batch_size,
                "an int >= 1")

@@ -18,7 +18,7 @@ from lsr.pipeline.apply import recipe_hooks
 from lsr.pipeline.runner import BlockRecord
 from lsr.pipeline.smooth import SmoothInit
 from lsr.quant import QuantSpec
-from lsr.quant.rtn import best_clip
+from lsr.quant.rtn import best_clip, fake_quantize
 from lsr.recipe import PRESETS, LearnStep, Recipe, RotateStep, SmoothStep, WeightStep
 from lsr.transforms.linear import set_quantizers
 from lsr.transforms.smooth import BlockGeometry, fold_scales
@@ -139,6 +139,40 @@ def test_clip_gradients_flow_and_one_clip_per_quantizer():
     loss.backward()
     for name, p in [*module.act_logits.items(), *module.weight_logits.items()]:
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("loss", ["mse", "relative"])
+def test_linear_loss_adds_each_linears_own_relative_error(loss):
+    """``learn.linear_loss`` adds λ × the mean over the block's linears of ``‖Q_a(x)Q_w(W)ᵀ − xWᵀ‖² / ‖xWᵀ‖²`` on
+    the inputs each linear receives (in the block loss's units), and its gradient reaches the log-scales."""
+    recipe = Recipe.from_name("lsr", learn={"loss": loss})
+    init = SmoothInit(recipe.smooth, seed=recipe.seed)
+    block = _block(recipe, init=init)
+    init.on_block(block)
+    x, y = block.inputs[:4], block.targets[:4]
+    plain = BlockModule(block, recipe.learn, act_clip=0.9)
+    weighted = BlockModule(block, replace(recipe.learn, linear_loss=2.0), act_clip=0.9)
+    base, _ = plain._loss(x, y)
+    seen = []  # (rotated input, weight, activation clip, weight clip) of every linear call, as the block runs them
+
+    def capture(mod, args):
+        seen.append((mod.rotate_input(args[0]).detach(), mod.weight.detach(), mod.act_clip, mod.weight_clip))
+
+    with block.hooked({name: capture for name in block.mapping.linears}):
+        total, _ = weighted._loss(x, y)
+    assert len(seen) == 7
+    errors = []
+    for inp, weight, act_clip, weight_clip in seen:
+        reference = F.linear(inp, weight)
+        spec = replace(block.weight_spec, clip_search=False)
+        approx = F.linear(fake_quantize(inp, block.act, act_clip.detach()), fake_quantize(weight, spec,
+                                                                                         weight_clip.detach()))
+        errors.append(((approx - reference).pow(2).sum() / reference.pow(2).sum()).item())
+    unit = 1.0 if loss == "relative" else y.pow(2).mean().item()
+    assert min(errors) > 0
+    assert (total - base).item() == pytest.approx(2.0 * sum(errors) / len(errors) * unit, rel=1e-4)
+    (total - base).backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in weighted.log_scales.values())
 
 
 def test_float_weight_learning_then_gptq():

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 from lsr.pipeline.runner import Block
 from lsr.quant.rtn import best_clip
 from lsr.recipe import LearnStep
+from lsr.transforms.linear import QLinear
 
 
 class EpochSampler(Sampler[int]):
@@ -126,11 +127,38 @@ class BlockModule(L.LightningModule):
         """(training loss, relative error) of the quantized block on one batch."""
         walk = self.walk
         act, weight = self.clips()
-        out = walk.forward(x, walk.params(dict(self.log_scales)), quantized=True, weights_ready=self.float_weights,
-                           act_clips=act, weight_clips=weight)
+        linear_errors: list[torch.Tensor] = []
+        with self._linear_errors(linear_errors):
+            out = walk.forward(x, walk.params(dict(self.log_scales)), quantized=True,
+                               weights_ready=self.float_weights, act_clips=act, weight_clips=weight)
+        power = y.pow(2).mean().clamp_min(1e-30)
         mse = F.mse_loss(out, y)
-        relative = mse / y.pow(2).mean().clamp_min(1e-30)
-        return (relative if self.step_cfg.loss == "relative" else mse), relative
+        relative = mse / power
+        loss = relative if self.step_cfg.loss == "relative" else mse
+        if linear_errors:
+            loss = loss + self.step_cfg.linear_loss * torch.stack(linear_errors).mean() * (
+                1.0 if self.step_cfg.loss == "relative" else power)
+        return loss, relative
+
+    @contextmanager
+    def _linear_errors(self, errors: list[torch.Tensor]):
+        """With ``linear_loss``, collect each linear's relative output error against its float product on the same
+        input (the float product detached: it is the linear's own target)."""
+        if not self.step_cfg.linear_loss:
+            yield
+            return
+
+        def hook(mod: QLinear, args: tuple, output: torch.Tensor) -> None:
+            with torch.no_grad():
+                reference = F.linear(mod.rotate_input(args[0]), mod.weight, mod.bias)
+            errors.append((output - reference).pow(2).sum() / reference.pow(2).sum().clamp_min(1e-30))
+
+        handles = [m.register_forward_hook(hook) for m in self.block.modules() if isinstance(m, QLinear)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         x, y = batch
