@@ -218,9 +218,11 @@ def previous_rows(path: Path, settings: dict) -> dict[Key, dict]:
         print(f"{path} was written with other settings: kept as {backup}, starting over")
         return {}
     rows = {key_of(r): r for r in doc["rows"]}
-    for row in rows.values():  # rows written before rows recorded their recipe: their run's checkpoint has it
+    for row in rows.values():
         run = Path(row.get("run", ""))
-        if "recipe_config" not in row and row.get("run") and is_checkpoint(run):
+        if "recipe_config" in row:  # read with today's defaults for recipe fields added after the row was written
+            row["recipe_config"] = Recipe.from_dict(row["recipe_config"]).to_dict()
+        elif row.get("run") and is_checkpoint(run):  # rows written before rows recorded their recipe
             row["recipe_config"] = load_checkpoint(run).recipe.to_dict()
     return rows
 

@@ -72,6 +72,20 @@ def test_a_results_file_is_kept_across_recipes_but_not_across_data(cm, tmp_path)
     assert path.with_name("out.json.old").is_file() and not path.exists()
 
 
+def test_rows_written_before_a_recipe_field_existed_are_still_reused(cm, tmp_path):
+    """A row records its recipe as it was then: fields added since read as their defaults, so the row is reused for
+    the same recipe, and not for one that sets the new field."""
+    plain = config_recipe("lsr-gptq")
+    recorded = cm.recipe_for("lsr", "gptq", 0, plain).to_dict()
+    del recorded["learn"]["linear_loss"]  # as written before learn.linear_loss existed
+    row = {"recipe": "lsr", "weights": "gptq", "seed": 0, "recipe_config": recorded, "int4_ppl": {"x": 20.0}}
+    path, settings = tmp_path / "out.json", {"threads": 2, "recipe": plain, "extra": []}
+    cm.save(path, settings, {cm.key_of(row): row}, [cm.key_of(row)])
+    (read,) = cm.previous_rows(path, settings).values()
+    assert cm.reusable(read, cm.key_of(row), plain)
+    assert not cm.reusable(read, cm.key_of(row), config_recipe("lsr-gptq", learn={"linear_loss": 0.1}))
+
+
 def test_the_table_names_a_rows_overrides(cm):
     recipe = cm.recipe_for("lsr", "gptq", 0, config_recipe("lsr-gptq", learn={"epochs": 6}))
     settings = {"eval_sources": ["wiki"], "data": {"num_calibration": 16, "seq_len": 512, "source": "wiki"},
