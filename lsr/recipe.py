@@ -101,7 +101,8 @@ class LearnStep:
         loss: ``mse`` of the block outputs, or ``relative`` (``‖Yq − Y‖² / ‖Y‖²`` per batch).
         linear_loss: weight of a second term, the mean over the block's linears of each one's own relative output
             error on the inputs it receives (``‖Q_a(x)Q_w(W)ᵀ − xWᵀ‖² / ‖xWᵀ‖²``, seed-004's per-layer objective),
-            added to the block loss in the block loss's units (0: off).
+            added to the block loss in the block loss's units (0: off). It trades block error for per-linear error
+            (README "Results"); the state kept after each epoch is still the best on the block error.
         band: the log-scales stay within ``θ₀ ± band`` of their init.
         batch_size: calibration windows per optimisation step.
     """

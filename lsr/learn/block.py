@@ -4,9 +4,10 @@ The module wraps the block (frozen) and what it learns: smoothing log-scales, on
 one weight clip per output channel (``sigmoid(logit)``, their own learning rate). A batch is ``(X, Y)`` (the block's
 inputs from the quantized prefix or the FP chain, and its FP outputs). The loss is the MSE (or relative error) of the
 quantized block against ``Y`` — with the export's RTN weight quantizer in the loop, or float weights when a GPTQ step
-follows (``learn.weights``); gradients reach the parameters through the straight-through quantizers. The optimizer,
-LR schedule, gradient clipping, precision, callbacks, loggers and progress bar are Lightning's own. After every epoch
-the whole calibration set is scored and the best state so far is kept.
+follows (``learn.weights``), plus optionally each linear's own relative error (``learn.linear_loss``); gradients
+reach the parameters through the straight-through quantizers. The optimizer, LR schedule, gradient clipping,
+precision, callbacks, loggers and progress bar are Lightning's own. After every epoch the whole calibration set is
+scored and the best state so far is kept.
 """
 
 from __future__ import annotations
