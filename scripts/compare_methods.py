@@ -219,10 +219,9 @@ def previous_rows(path: Path, settings: dict) -> dict[Key, dict]:
         return {}
     rows = {key_of(r): r for r in doc["rows"]}
     for row in rows.values():
-        run = Path(row.get("run", ""))
         if "recipe_config" in row:  # read with today's defaults for recipe fields added after the row was written
             row["recipe_config"] = Recipe.from_dict(row["recipe_config"]).to_dict()
-        elif row.get("run") and is_checkpoint(run):  # rows written before rows recorded their recipe
+        elif row.get("run") and is_checkpoint(run := Path(row["run"])):  # rows from before rows recorded a recipe
             row["recipe_config"] = load_checkpoint(run).recipe.to_dict()
     return rows
 

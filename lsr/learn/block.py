@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 from lsr.pipeline.runner import Block
 from lsr.quant.rtn import best_clip
 from lsr.recipe import LearnStep
-from lsr.transforms.linear import QLinear
+from lsr.transforms.linear import QLinear, qlinears
 
 
 class EpochSampler(Sampler[int]):
@@ -154,7 +154,7 @@ class BlockModule(L.LightningModule):
                 reference = F.linear(mod.rotate_input(args[0]), mod.weight, mod.bias)
             errors.append((output - reference).pow(2).sum() / reference.pow(2).sum().clamp_min(1e-30))
 
-        handles = [m.register_forward_hook(hook) for m in self.block.modules() if isinstance(m, QLinear)]
+        handles = [m.register_forward_hook(hook) for m in qlinears(self.block)]
         try:
             yield
         finally:
